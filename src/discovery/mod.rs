@@ -1,0 +1,1 @@
+//! Finding pyATS job files and manifests inside an image.
