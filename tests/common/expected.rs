@@ -1,0 +1,1 @@
+//! What discovery must find in each fixture image (built by scripts/fixtures.sh).
