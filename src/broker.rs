@@ -1,0 +1,230 @@
+//! RabbitMQ: the topology of DESIGN.md, declared idempotently, and publishing with confirms.
+//!
+//! - `<prefix>.jobs` (direct): jobs, routing key `<cap>.<pool>`, one durable queue per key,
+//!   `<prefix>.jobs.<cap>.<pool>`; workers of a pool compete for its queue.
+//! - `<prefix>.events` (topic): `job.<type>.<status>` and `worker.online|heartbeat|offline`.
+//! - `<prefix>.dead` (queue): messages that cannot be jobs, with the reason in `x-error`.
+
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions,
+    QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+
+/// Names of the exchanges and queues, under one prefix.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub prefix: String,
+}
+
+impl Topology {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+
+    pub fn jobs_exchange(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    pub fn job_queue(&self, cap: &str, pool: &str) -> String {
+        format!("{}.jobs.{cap}.{pool}", self.prefix)
+    }
+
+    pub fn routing_key(cap: &str, pool: &str) -> String {
+        format!("{cap}.{pool}")
+    }
+
+    /// Declares the exchanges, the dead-letter queue and the job queues of `(cap, pool)` pairs.
+    pub async fn declare(
+        &self,
+        channel: &Channel,
+        queues: &[(String, String)],
+    ) -> lapin::Result<()> {
+        let durable_exchange = ExchangeDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .exchange_declare(
+                self.jobs_exchange().into(),
+                ExchangeKind::Direct,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.events_exchange().into(),
+                ExchangeKind::Topic,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        let durable_queue = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(
+                self.dead_queue().into(),
+                durable_queue,
+                FieldTable::default(),
+            )
+            .await?;
+        for (cap, pool) in queues {
+            let queue = self.job_queue(cap, pool);
+            channel
+                .queue_declare(queue.clone().into(), durable_queue, FieldTable::default())
+                .await?;
+            channel
+                .queue_bind(
+                    queue.into(),
+                    self.jobs_exchange().into(),
+                    Self::routing_key(cap, pool).into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("broker error: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("the broker refused the message (nack)")]
+    Nacked,
+    #[error("the broker returned the message: no queue for {0}")]
+    Unroutable(String),
+}
+
+/// Opens a connection; the URL's password never reaches a log.
+pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
+    let properties =
+        ConnectionProperties::default().with_connection_name(LongString::from(name.to_string()));
+    Connection::connect(url, properties).await
+}
+
+/// A channel in confirm mode: every publish waits for the broker's ack.
+#[derive(Clone)]
+pub struct Publisher {
+    channel: Channel,
+}
+
+impl Publisher {
+    pub async fn open(connection: &Connection) -> lapin::Result<Self> {
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok(Self { channel })
+    }
+
+    pub fn channel(&self) -> &Channel {
+        &self.channel
+    }
+
+    /// Publishes a persistent JSON message and waits for the broker to confirm it. With
+    /// `mandatory`, a message no queue takes is an error rather than silently dropped.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
+        let properties = properties
+            .with_content_type(ShortString::from("application/json"))
+            .with_delivery_mode(2);
+        let confirm = self
+            .channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                body,
+                properties,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(format!(
+                "{exchange}/{routing_key}"
+            ))),
+            Confirmation::Nack(_) => Err(PublishError::Nacked),
+        }
+    }
+}
+
+/// `x-error` header with the reason a message was dead-lettered.
+pub fn error_headers(reason: &str, source_queue: &str) -> FieldTable {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "x-error".into(),
+        AMQPValue::LongString(LongString::from(reason.to_string())),
+    );
+    headers.insert(
+        "x-original-routing-key".into(),
+        AMQPValue::LongString(LongString::from(source_queue.to_string())),
+    );
+    headers
+}
+
+/// The string value of a header, if present.
+pub fn header_string(properties: &BasicProperties, name: &str) -> Option<String> {
+    let headers = properties.headers().as_ref()?;
+    match headers.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+        AMQPValue::ShortString(s) => Some(s.as_str().to_string()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_design() {
+        let t = Topology::new("xpresso");
+        assert_eq!(t.jobs_exchange(), "xpresso.jobs");
+        assert_eq!(t.events_exchange(), "xpresso.events");
+        assert_eq!(t.dead_queue(), "xpresso.dead");
+        assert_eq!(
+            t.job_queue("image", "general"),
+            "xpresso.jobs.image.general"
+        );
+        assert_eq!(Topology::routing_key("image", "general"), "image.general");
+    }
+
+    #[test]
+    fn error_header_round_trips() {
+        let props =
+            BasicProperties::default().with_headers(error_headers("not JSON", "image.general"));
+        assert_eq!(
+            header_string(&props, "x-error").as_deref(),
+            Some("not JSON")
+        );
+        assert_eq!(header_string(&props, "nope"), None);
+    }
+}

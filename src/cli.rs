@@ -1,0 +1,420 @@
+//! The command line of DESIGN.md. Every command calls the same library code the tests use.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde_json::{Map, Value};
+
+use crate::config::Config;
+use crate::daemon::{self, Shutdown};
+use crate::discovery::{self, Source};
+use crate::job::parse_job;
+use crate::pipeline::{DeliveryInfo, JobContext, run_job};
+use crate::report::WorkerInfo;
+use crate::submit::{self, Submitted};
+
+/// Exit code for a bad command line or configuration (EX_USAGE).
+pub const EXIT_USAGE: u8 = 64;
+/// Exit code for input that is not a job (EX_DATAERR).
+pub const EXIT_DATAERR: u8 = 65;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "image-worker",
+    version,
+    about = "Pulls and builds pyATS test images for the test-automation platform: takes jobs from \
+             RabbitMQ, drives the Docker engine, finds the pyATS jobs and manifests inside each \
+             image and reports the image record."
+)]
+pub struct Cli {
+    /// Log format: `text` (human) or `json` (one JSON object a line).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "IMAGE_WORKER_LOG_FORMAT",
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// Configuration file (YAML; see config/image-worker.yaml). Every key can be overridden
+    /// with IMAGE_WORKER__<SECTION>__<KEY> environment variables.
+    #[arg(long, short, env = "IMAGE_WORKER_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the daemon: consume jobs from RabbitMQ until SIGTERM.
+    Run {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Run one job here, without a broker, and print its report (exit 0 when successful, 1
+    /// when the job failed, 65 when the input is not a job).
+    Job {
+        /// Job file (JSON, as published to the broker), or `-` for standard input.
+        file: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Publish a job to the broker; with --wait, print its report when it comes.
+    Submit {
+        #[command(subcommand)]
+        job: SubmitJob,
+    },
+    /// List the pyATS job files and manifests of a local image.
+    Discover {
+        /// Image reference or id, present in the local engine.
+        image: String,
+        /// Where the image's files are read from.
+        #[arg(long, default_value = "auto")]
+        source: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Check a configuration file and print the effective configuration (secrets hidden).
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ConfigAction {
+    /// Load, validate and print the effective configuration; exit 64 when it is invalid.
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SubmitJob {
+    /// Register an image: the worker pulls <push-url>/<name>:<tag>, inspects and discovers it.
+    Pull(PullArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct PullArgs {
+    /// Image name below the push URL, e.g. `pyats`.
+    #[arg(long)]
+    pub name: String,
+    /// Tag to pull.
+    #[arg(long, default_value = "latest")]
+    pub tag: String,
+    /// Registry and namespace, e.g. `registry.example.com/team`.
+    #[arg(long)]
+    pub push_url: String,
+    /// Group that owns the image.
+    #[arg(long)]
+    pub group: String,
+    /// Registry user; the password comes from --password-env or --password-file.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Environment variable holding the registry password.
+    #[arg(long, value_name = "VAR")]
+    pub password_env: Option<String>,
+    /// File holding the registry password.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Pull by digest (`sha256:...`) instead of the tag.
+    #[arg(long)]
+    pub digest: Option<String>,
+    /// Platform to pull, e.g. `linux/amd64`.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Use the worker's cached image when it has one.
+    #[arg(long)]
+    pub pin_version: bool,
+    /// Do not look for jobs and manifests.
+    #[arg(long)]
+    pub no_discover: bool,
+    /// Job uuid (default: a new one).
+    #[arg(long)]
+    pub uuid: Option<String>,
+    /// Seconds the job may run.
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+#[derive(Args, Debug)]
+pub struct SubmitCommon {
+    /// Worker pool to send the job to (default: the configured worker.group).
+    #[arg(long)]
+    pub pool: Option<String>,
+    /// Wait for the final report and print it (exit 0 when successful, 1 when not, 2 on timeout).
+    #[arg(long)]
+    pub wait: bool,
+    /// Seconds to wait with --wait.
+    #[arg(long, default_value_t = 600)]
+    pub wait_timeout_s: u64,
+    #[command(flatten)]
+    pub config: ConfigArg,
+}
+
+/// Sets up logging: human text on a terminal, JSON lines when asked. `RUST_LOG` filters.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new("info,lapin=warn,amq_protocol=warn")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
+}
+
+fn load_config(arg: &ConfigArg) -> Result<Config, ExitCode> {
+    Config::load(arg.config.as_deref()).map_err(|e| {
+        eprintln!("image-worker: {e}");
+        ExitCode::from(EXIT_USAGE)
+    })
+}
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Run { config } => {
+            let config = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            daemon::run(config, Shutdown::from_signals())
+                .await
+                .map(|()| ExitCode::SUCCESS)
+        }
+        Command::Job { file, config } => match load_config(&config) {
+            Ok(c) => run_local_job(c, &file).await,
+            Err(code) => return code,
+        },
+        Command::Submit {
+            job: SubmitJob::Pull(args),
+        } => submit_pull(args).await,
+        Command::Discover {
+            image,
+            source,
+            config,
+        } => {
+            let config = match load_config(&config) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            let source: Source = match source.parse() {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("image-worker: --source: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
+            };
+            discover(config, &image, source).await
+        }
+        Command::Config {
+            action: ConfigAction::Check { config },
+        } => match load_config(&config) {
+            Ok(c) => {
+                println!(
+                    "{}",
+                    serde_yaml::to_string(&shown_config(&c)).unwrap_or_default()
+                );
+                eprintln!("configuration is valid");
+                Ok(ExitCode::SUCCESS)
+            }
+            Err(code) => return code,
+        },
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!(
+                "image-worker: {}",
+                crate::secrets::mask_url_credentials(&format!("{e:#}"))
+            );
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The configuration with secrets replaced, for `config check`.
+fn shown_config(config: &Config) -> Value {
+    let mut value = serde_json::to_value(config).unwrap_or_default();
+    if let Some(url) = value.pointer_mut("/amqp/url") {
+        *url = Value::String(crate::secrets::mask_url_credentials(
+            url.as_str().unwrap_or_default(),
+        ));
+    }
+    crate::secrets::SecretMask::default().mask_json(&mut value);
+    value
+}
+
+async fn run_local_job(config: Config, file: &str) -> anyhow::Result<ExitCode> {
+    let mut body = Vec::new();
+    if file == "-" {
+        std::io::stdin()
+            .read_to_end(&mut body)
+            .context("reading the job from stdin")?;
+    } else {
+        body = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+    }
+    let input = match parse_job(&body, config.jobs.max_message_bytes) {
+        Ok(input) => input,
+        Err(rejection) => {
+            eprintln!("image-worker: not a job: {rejection}");
+            return Ok(ExitCode::from(EXIT_DATAERR));
+        }
+    };
+    let docker = crate::engine::connect(config.docker.host.as_deref()).await?;
+    let worker = WorkerInfo::from_config(&config.worker);
+    let ctx = JobContext {
+        config,
+        docker,
+        worker,
+    };
+    let finished = run_job(&ctx, input, DeliveryInfo::default(), None).await;
+    let value: Value = serde_json::from_slice(&finished.json)?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(
+        if finished.report.status == crate::report::Status::Successful {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        },
+    )
+}
+
+async fn discover(config: Config, image: &str, source: Source) -> anyhow::Result<ExitCode> {
+    let docker = crate::engine::connect(config.docker.host.as_deref()).await?;
+    let mut options = config.discovery.options();
+    options.source = source;
+    let started = std::time::Instant::now();
+    let found = discovery::discover_image(&docker, image, &options).await?;
+    eprintln!(
+        "{} job files, {} manifests, {} warnings; {} files scanned from {} in {} ms",
+        found.jobs.len(),
+        found.manifests.len(),
+        found.warnings.len(),
+        found.files_scanned,
+        found.source,
+        started.elapsed().as_millis()
+    );
+    println!("{}", serde_json::to_string_pretty(&found)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_password(env: Option<&str>, file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+    if let Some(var) = env {
+        return std::env::var(var)
+            .map(Some)
+            .with_context(|| format!("--password-env: {var} is not set"));
+    }
+    if let Some(path) = file {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
+    }
+    Ok(None)
+}
+
+async fn submit_pull(args: PullArgs) -> anyhow::Result<ExitCode> {
+    let config = match load_config(&args.common.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut job = Map::new();
+    let mut put = |k: &str, v: Value| {
+        job.insert(k.to_string(), v);
+    };
+    put(
+        "uuid",
+        Value::from(
+            args.uuid
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string()),
+        ),
+    );
+    put("type", Value::from("pull"));
+    put("group", Value::from(args.group));
+    put("name", Value::from(args.name));
+    put("tag", Value::from(args.tag));
+    put("push_url", Value::from(args.push_url));
+    put("discover", Value::from(!args.no_discover));
+    put("pin_version", Value::from(args.pin_version));
+    put(
+        "submitter",
+        Value::from(std::env::var("USER").unwrap_or_else(|_| "cli".into())),
+    );
+    if let Some(u) = args.username {
+        put("username", Value::from(u));
+    }
+    if let Some(p) = read_password(args.password_env.as_deref(), args.password_file.as_ref())? {
+        put("password", Value::from(p));
+    }
+    if let Some(d) = args.digest {
+        put("digest", Value::from(d));
+    }
+    if let Some(p) = args.platform {
+        put("platform", Value::from(p));
+    }
+    if let Some(t) = args.timeout_s {
+        put("timeout_s", Value::from(t));
+    }
+    submit_and_print(&config, job, &args.common).await
+}
+
+async fn submit_and_print(
+    config: &Config,
+    job: Map<String, Value>,
+    common: &SubmitCommon,
+) -> anyhow::Result<ExitCode> {
+    let pool = common
+        .pool
+        .clone()
+        .unwrap_or_else(|| config.worker.group.clone());
+    let wait = common
+        .wait
+        .then(|| Duration::from_secs(common.wait_timeout_s));
+    match submit::submit(config, job, &pool, wait).await? {
+        Submitted::Queued { uuid } => {
+            println!("{uuid}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Submitted::Report { status, json } => {
+            println!("{}", serde_json::to_string_pretty(&json)?);
+            Ok(if status == "successful" {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Submitted::TimedOut { uuid } => {
+            eprintln!(
+                "image-worker: no report for {uuid} within {} s (the job stays queued)",
+                common.wait_timeout_s
+            );
+            Ok(ExitCode::from(2))
+        }
+    }
+}

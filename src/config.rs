@@ -1,0 +1,474 @@
+//! The worker's configuration: one YAML file, every key overridable from the environment.
+//!
+//! Environment overrides use `IMAGE_WORKER__<SECTION>__<KEY>` (double underscores separate the
+//! levels), e.g. `IMAGE_WORKER__AMQP__URL` or `IMAGE_WORKER__WORKER__CONCURRENCY=4`. Values are
+//! parsed as YAML scalars or flow sequences (`[a, b]`). Secrets (the AMQP URL's password, registry
+//! passwords) come from the environment or from `*_file` keys, never only from the command line.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::discovery::{JobRules, Source};
+
+/// Prefix of every environment override.
+pub const ENV_PREFIX: &str = "IMAGE_WORKER__";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Parse(#[from] serde_yaml::Error),
+    #[error("invalid environment override {var}: {reason}")]
+    Env { var: String, reason: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Who this worker is and what it takes.
+    pub worker: WorkerConfig,
+    /// The RabbitMQ connection and topology names.
+    pub amqp: AmqpConfig,
+    /// The Docker engine.
+    pub docker: DockerConfig,
+    /// Default registry credentials and the optional mirror.
+    pub registry: RegistryConfig,
+    /// How pyATS jobs and manifests are found inside an image.
+    pub discovery: DiscoveryConfig,
+    /// Where each job's log and report are written.
+    pub logs: LogsConfig,
+    /// Limits that apply to every job.
+    pub jobs: JobsConfig,
+}
+
+/// Worker identity, as reported in every record's `worker` block.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Label of this worker; defaults to the host name (the pod name in Kubernetes).
+    pub app_label: Option<String>,
+    /// Stable id of this worker; a new UUID at each start when unset.
+    pub worker_id: Option<String>,
+    /// Site code, e.g. `SJC`.
+    pub site: String,
+    /// Building code, e.g. `SJC-2`.
+    pub bldg: String,
+    /// The pool this worker serves first; jobs are routed with `<cap>.<pool>`.
+    pub group: String,
+    /// Further pools this worker also consumes.
+    pub interest_list: Vec<String>,
+    /// Capabilities advertised; the worker consumes the ones it implements (`image`).
+    pub caps: Vec<String>,
+    /// Service name reported in the `worker` block.
+    pub service_name: String,
+    /// Service URL reported in the `worker` block.
+    pub service_url: String,
+    /// Jobs run at once; also the AMQP prefetch.
+    pub concurrency: u16,
+    /// Seconds between `worker.heartbeat` events.
+    pub heartbeat_interval_s: u64,
+    /// Seconds running jobs get to finish after SIGTERM before they are returned to the queue.
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            app_label: None,
+            worker_id: None,
+            site: String::new(),
+            bldg: String::new(),
+            group: "general".into(),
+            interest_list: Vec::new(),
+            caps: vec!["image".into(), "polaris_image".into(), "pyats".into()],
+            service_name: "image-worker".into(),
+            service_url: String::new(),
+            concurrency: 2,
+            heartbeat_interval_s: 30,
+            shutdown_grace_s: 60,
+        }
+    }
+}
+
+/// RabbitMQ.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AmqpConfig {
+    /// AMQP URL, credentials included; prefer setting it from `IMAGE_WORKER__AMQP__URL`.
+    pub url: String,
+    /// File holding the AMQP URL (e.g. a mounted Kubernetes secret); wins over `url`.
+    pub url_file: Option<PathBuf>,
+    /// Prefix of every exchange and queue name.
+    pub prefix: String,
+}
+
+impl Default for AmqpConfig {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            url_file: None,
+            prefix: "xpresso".into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for AmqpConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AmqpConfig")
+            .field("url", &crate::secrets::mask_url_credentials(&self.url))
+            .field("url_file", &self.url_file)
+            .field("prefix", &self.prefix)
+            .finish()
+    }
+}
+
+/// The Docker engine.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DockerConfig {
+    /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`); unset means
+    /// `DOCKER_HOST` or the local socket. The API version is negotiated with the engine.
+    pub host: Option<String>,
+}
+
+/// Registry credentials and the mirror.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RegistryConfig {
+    /// Credentials used when a job brings none, by registry host (`host[:port]`).
+    pub credentials: BTreeMap<String, Credentials>,
+    /// When set, every pulled image is pushed to `<mirror>/<group>/<name>:<tag>` and that
+    /// namespace is reported as `push_url`.
+    pub mirror: Option<String>,
+}
+
+impl std::fmt::Debug for RegistryConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryConfig")
+            .field("credentials", &self.credentials.keys().collect::<Vec<_>>())
+            .field("mirror", &self.mirror)
+            .finish()
+    }
+}
+
+/// One registry's credentials.
+#[derive(Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Credentials {
+    /// User name.
+    pub username: String,
+    /// Password; prefer `password_file` or the environment.
+    pub password: Option<String>,
+    /// File holding the password (trailing newline ignored); wins over `password`.
+    pub password_file: Option<PathBuf>,
+}
+
+impl Credentials {
+    /// The password, read from `password_file` when set.
+    pub fn resolve_password(&self) -> Result<Option<String>, ConfigError> {
+        match &self.password_file {
+            Some(path) => read_secret_file(path).map(Some),
+            None => Ok(self.password.clone()),
+        }
+    }
+}
+
+/// Discovery defaults (a build's `jobfiles:` section adds to these).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DiscoveryConfig {
+    /// Workspace root when the image sets no `WORKSPACE` variable.
+    pub root: String,
+    /// Regex a job file's absolute path must match (or a glob, a listed path, the marker).
+    pub r#match: Option<String>,
+    /// Globs that also select job files.
+    pub glob: Vec<String>,
+    /// Absolute paths that are job files when they exist and define `main`.
+    pub paths: Vec<String>,
+    /// Where the image's files are read from: `auto`, `layers` or `archive`.
+    pub source: Source,
+    /// Manifests larger than this are reported as warnings, never read.
+    pub max_manifest_bytes: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        Self {
+            root: "/pyats".into(),
+            r#match: None,
+            glob: Vec::new(),
+            paths: Vec::new(),
+            source: Source::Auto,
+            max_manifest_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl DiscoveryConfig {
+    pub fn options(&self) -> crate::discovery::DiscoveryOptions {
+        crate::discovery::DiscoveryOptions {
+            default_root: self.root.clone(),
+            rules: JobRules {
+                r#match: self.r#match.clone(),
+                glob: self.glob.clone(),
+                paths: self.paths.clone(),
+            },
+            source: self.source,
+            max_manifest_bytes: self.max_manifest_bytes,
+        }
+    }
+}
+
+/// Job logs and reports.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogsConfig {
+    /// Root of the job logs: each job writes `<root>/<YYYY>/<MM>/images/<uuid>/`.
+    pub root: PathBuf,
+    /// Lines of the job log carried in the report's `logs`.
+    pub tail_lines: usize,
+}
+
+impl Default for LogsConfig {
+    fn default() -> Self {
+        Self {
+            root: PathBuf::from("/var/lib/image-worker/logs"),
+            tail_lines: 40,
+        }
+    }
+}
+
+/// Limits of every job.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct JobsConfig {
+    /// Seconds a job may run when it names no `timeout_s`.
+    pub default_timeout_s: u64,
+    /// Largest job message accepted, in bytes; larger ones are dead-lettered.
+    pub max_message_bytes: usize,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout_s: 3600,
+            max_message_bytes: 1024 * 1024,
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (or the defaults when `None`), then applies the environment overrides.
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(path) => std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_yaml_and_env(&text, std::env::vars())
+    }
+
+    /// Parses YAML text and applies `IMAGE_WORKER__*` overrides from `env`.
+    pub fn from_yaml_and_env(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut value: serde_yaml::Value = if text.trim().is_empty() {
+            serde_yaml::Value::Mapping(Default::default())
+        } else {
+            serde_yaml::from_str(text)?
+        };
+        if value.is_null() {
+            value = serde_yaml::Value::Mapping(Default::default());
+        }
+        let mut overrides: Vec<(String, String)> = env
+            .into_iter()
+            .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+            .collect();
+        overrides.sort();
+        for (var, raw) in overrides {
+            apply_override(&mut value, &var, &raw)?;
+        }
+        let config: Config = serde_yaml::from_value(value)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.worker.concurrency == 0 {
+            return Err(ConfigError::Invalid(
+                "worker.concurrency must be at least 1".into(),
+            ));
+        }
+        if self.worker.group.trim().is_empty() {
+            return Err(ConfigError::Invalid(
+                "worker.group must not be empty".into(),
+            ));
+        }
+        for pool in std::iter::once(&self.worker.group).chain(&self.worker.interest_list) {
+            if !pool
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "pool name {pool:?} may hold only letters, digits, '-', '_' and '.'"
+                )));
+            }
+        }
+        if self.amqp.prefix.is_empty() {
+            return Err(ConfigError::Invalid("amqp.prefix must not be empty".into()));
+        }
+        if let Some(m) = &self.discovery.r#match {
+            regex::Regex::new(m)
+                .map_err(|e| ConfigError::Invalid(format!("discovery.match: {e}")))?;
+        }
+        if let Some(mirror) = &self.registry.mirror {
+            crate::reference::validate_push_url(mirror)
+                .map_err(|e| ConfigError::Invalid(format!("registry.mirror: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// The AMQP URL, read from `amqp.url_file` when set.
+    pub fn amqp_url(&self) -> Result<String, ConfigError> {
+        match &self.amqp.url_file {
+            Some(path) => read_secret_file(path),
+            None => Ok(self.amqp.url.clone()),
+        }
+    }
+}
+
+fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+        .map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+fn apply_override(root: &mut serde_yaml::Value, var: &str, raw: &str) -> Result<(), ConfigError> {
+    let err = |reason: String| ConfigError::Env {
+        var: var.to_string(),
+        reason,
+    };
+    let keys: Vec<String> = var[ENV_PREFIX.len()..]
+        .split("__")
+        .map(|k| k.to_ascii_lowercase())
+        .collect();
+    if keys.iter().any(|k| k.is_empty()) {
+        return Err(err("empty key segment".into()));
+    }
+    // A value like "4", "true" or "[a, b]" becomes a number, bool or list; URLs stay strings.
+    let parsed: serde_yaml::Value = match serde_yaml::from_str::<serde_yaml::Value>(raw) {
+        Ok(
+            v @ (serde_yaml::Value::Bool(_)
+            | serde_yaml::Value::Number(_)
+            | serde_yaml::Value::Sequence(_)),
+        ) => v,
+        _ => serde_yaml::Value::String(raw.to_string()),
+    };
+    let mut node = root;
+    for (i, key) in keys.iter().enumerate() {
+        let map = match node {
+            serde_yaml::Value::Mapping(m) => m,
+            _ => return Err(err(format!("{} is not a section", keys[..i].join(".")))),
+        };
+        let k = serde_yaml::Value::String(key.clone());
+        if i + 1 == keys.len() {
+            map.insert(k, parsed);
+            return Ok(());
+        }
+        node = map
+            .entry(k)
+            .or_insert_with(|| serde_yaml::Value::Mapping(Default::default()));
+        if node.is_null() {
+            *node = serde_yaml::Value::Mapping(Default::default());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_sane() {
+        let c = Config::from_yaml_and_env("", env(&[])).unwrap();
+        assert_eq!(c.worker.group, "general");
+        assert_eq!(c.amqp.prefix, "xpresso");
+        assert_eq!(c.worker.concurrency, 2);
+        assert_eq!(c.discovery.root, "/pyats");
+        assert_eq!(c.discovery.source, Source::Auto);
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let yaml = "worker:\n  group: lab\n  concurrency: 3\n";
+        let c = Config::from_yaml_and_env(
+            yaml,
+            env(&[
+                ("IMAGE_WORKER__WORKER__CONCURRENCY", "8"),
+                ("IMAGE_WORKER__WORKER__INTEREST_LIST", "[a, b]"),
+                ("IMAGE_WORKER__AMQP__URL", "amqp://u:p@h:5672/%2f"),
+                (
+                    "IMAGE_WORKER__REGISTRY__CREDENTIALS__REG.EXAMPLE:5000__USERNAME",
+                    "bob",
+                ),
+                ("UNRELATED", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.worker.group, "lab");
+        assert_eq!(c.worker.concurrency, 8);
+        assert_eq!(c.worker.interest_list, vec!["a", "b"]);
+        assert_eq!(c.amqp.url, "amqp://u:p@h:5672/%2f");
+        assert_eq!(c.registry.credentials["reg.example:5000"].username, "bob");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = Config::from_yaml_and_env("worker:\n  grup: x\n", env(&[])).unwrap_err();
+        assert!(e.to_string().contains("grup"), "{e}");
+        let e = Config::from_yaml_and_env("", env(&[("IMAGE_WORKER__NOPE", "1")])).unwrap_err();
+        assert!(e.to_string().contains("nope"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        assert!(Config::from_yaml_and_env("worker: {concurrency: 0}", env(&[])).is_err());
+        assert!(Config::from_yaml_and_env("worker: {group: 'a b'}", env(&[])).is_err());
+        assert!(Config::from_yaml_and_env("discovery: {match: '('}", env(&[])).is_err());
+        assert!(Config::from_yaml_and_env("registry: {mirror: 'Bad Host'}", env(&[])).is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let c = Config::from_yaml_and_env(
+            "amqp: {url: 'amqp://user:hunter2@h/%2f'}\nregistry: {credentials: {r: {username: u, password: hunter2}}}",
+            env(&[]),
+        )
+        .unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+    }
+}

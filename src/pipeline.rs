@@ -1,0 +1,358 @@
+//! One job from start to report: the steps every job type shares (log, timeout, report, masking),
+//! around the type's own work (`pull`, later `build`).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use chrono::Utc;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::config::Config;
+use crate::engine::EngineError;
+use crate::job::{InvalidJob, Job, JobType};
+use crate::joblog::JobLog;
+use crate::report::{
+    ContainerDetails, ErrorInfo, Meta, Progress, Report, RunningEvent, Status, WorkerInfo,
+    insert_time, record_date,
+};
+use crate::secrets::SecretMask;
+
+/// What every job needs from the worker.
+pub struct JobContext {
+    pub config: Config,
+    pub docker: Docker,
+    pub worker: WorkerInfo,
+}
+
+/// Why a job failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
+pub struct JobError {
+    pub kind: &'static str,
+    pub message: String,
+    pub retryable: bool,
+}
+
+impl JobError {
+    pub fn new(kind: &'static str, message: impl Into<String>, retryable: bool) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            retryable,
+        }
+    }
+}
+
+impl From<EngineError> for JobError {
+    fn from(e: EngineError) -> Self {
+        Self::new(e.kind.as_str(), e.message, e.kind.retryable())
+    }
+}
+
+/// An event leaving a job: routing key and body, for whoever publishes (the broker, or nobody).
+pub type EventSender = UnboundedSender<(String, Vec<u8>)>;
+
+/// Sends a job's `running` events, at most about one a second (phase changes always go out).
+pub struct JobEvents {
+    sender: Option<EventSender>,
+    uuid: String,
+    job_type: &'static str,
+    worker_id: String,
+    last: Mutex<(Option<Instant>, String)>,
+}
+
+impl JobEvents {
+    pub fn new(
+        sender: Option<EventSender>,
+        uuid: &str,
+        job_type: JobType,
+        worker_id: &str,
+    ) -> Self {
+        Self {
+            sender,
+            uuid: uuid.to_string(),
+            job_type: job_type.as_str(),
+            worker_id: worker_id.to_string(),
+            last: Mutex::new((None, String::new())),
+        }
+    }
+
+    pub fn running(&self, phase: &str, progress: Progress) {
+        let Some(sender) = &self.sender else { return };
+        {
+            let mut last = self.last.lock().unwrap();
+            let same_phase = last.1 == phase;
+            if same_phase && last.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
+                return;
+            }
+            *last = (Some(Instant::now()), phase.to_string());
+        }
+        let event = RunningEvent {
+            uuid: self.uuid.clone(),
+            status: Status::Running,
+            job_type: self.job_type.to_string(),
+            phase: phase.to_string(),
+            progress,
+            worker_id: self.worker_id.clone(),
+            date_updated: record_date(Utc::now()),
+        };
+        let key = format!("job.{}.running", self.job_type);
+        if let Ok(body) = serde_json::to_vec(&event) {
+            let _ = sender.send((key, body));
+        }
+    }
+}
+
+/// What the broker tells us about a delivery.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DeliveryInfo {
+    pub redelivered: bool,
+}
+
+/// A finished job: the report and its masked JSON, ready to publish.
+pub struct Finished {
+    pub report: Report,
+    pub json: Vec<u8>,
+}
+
+/// Runs one job (or reports why it is invalid) and returns its final report.
+pub async fn run_job(
+    ctx: &JobContext,
+    input: Result<Job, InvalidJob>,
+    delivery: DeliveryInfo,
+    events: Option<EventSender>,
+) -> Finished {
+    let started = Utc::now();
+    let (uuid, job_type, raw) = match &input {
+        Ok(job) => (job.uuid.clone(), job.job_type, job.raw.clone()),
+        Err(invalid) => (invalid.uuid.clone(), invalid.job_type, invalid.raw.clone()),
+    };
+    let mask = job_secrets(ctx, &input);
+    let log = match JobLog::create(
+        &ctx.config.logs.root,
+        &uuid,
+        started,
+        mask.clone(),
+        ctx.config.logs.tail_lines,
+    ) {
+        Ok(log) => log,
+        Err(e) => {
+            let log = JobLog::without_file(
+                &ctx.config.logs.root,
+                &uuid,
+                started,
+                mask.clone(),
+                ctx.config.logs.tail_lines,
+            );
+            log.error(format!(
+                "cannot write the job log under {}: {e}",
+                log.dir().display()
+            ));
+            log
+        }
+    };
+    let events = JobEvents::new(events, &uuid, job_type, &ctx.worker.worker_id);
+    let mut report = base_report(ctx, &uuid, job_type, &raw, &input, &log, started, delivery);
+
+    log.info(format!(
+        "{} job {uuid} started on worker {} ({}){}",
+        job_type.as_str(),
+        ctx.worker.app_label,
+        ctx.worker.worker_id,
+        if delivery.redelivered {
+            ", redelivered by the broker"
+        } else {
+            ""
+        }
+    ));
+    let outcome = match &input {
+        Err(invalid) => Err(JobError::new("invalid_job", invalid.message.clone(), false)),
+        Ok(job) => {
+            let limit = job.timeout(ctx.config.jobs.default_timeout_s);
+            match tokio::time::timeout(limit, run_steps(ctx, job, &log, &events, &mut report)).await
+            {
+                Ok(result) => result,
+                Err(_) => Err(JobError::new(
+                    "timeout",
+                    format!("the job did not finish within {} s", limit.as_secs()),
+                    true,
+                )),
+            }
+        }
+    };
+    let finished = Utc::now();
+    match outcome {
+        Ok(()) => {
+            report.status = Status::Successful;
+            log.info(format!(
+                "job successful in {:.1} s",
+                (finished - started).num_milliseconds() as f64 / 1000.0
+            ));
+        }
+        Err(e) => {
+            report.status = Status::Failed;
+            let message = mask.mask(&e.message);
+            log.error(format!("job failed ({}): {message}", e.kind));
+            report.error = Some(ErrorInfo {
+                kind: e.kind.to_string(),
+                message,
+                retryable: e.retryable,
+            });
+        }
+    }
+    report.date_updated = record_date(finished);
+    report.finished_at = Some(insert_time(finished));
+    report.logs = log.tail();
+    let json = masked_json(&report, &mask);
+    if let Err(e) = log.write_report(&json) {
+        tracing::warn!(job = %uuid, error = %e, "cannot write report.json");
+    }
+    log.close();
+    Finished { report, json }
+}
+
+async fn run_steps(
+    ctx: &JobContext,
+    job: &Job,
+    log: &JobLog,
+    events: &JobEvents,
+    report: &mut Report,
+) -> Result<(), JobError> {
+    match job.job_type {
+        JobType::Pull => crate::pull::run_pull(ctx, job, log, events, report).await,
+        JobType::Build | JobType::PolarisBuild => Err(JobError::new(
+            "unsupported",
+            format!(
+                "{} jobs are not implemented by this worker yet",
+                job.job_type.as_str()
+            ),
+            false,
+        )),
+    }
+}
+
+/// The report as JSON with every secret masked: values of secret fields anywhere, and the
+/// job's secrets inside any string. Masking the value tree (not the text) keeps it valid JSON.
+fn masked_json(report: &Report, mask: &SecretMask) -> Vec<u8> {
+    let mut value = serde_json::to_value(report).expect("a report serializes");
+    mask.mask_json(&mut value);
+    serde_json::to_vec(&value).expect("a value serializes")
+}
+
+/// Every secret this job could print: its password, and the worker's own registry passwords.
+fn job_secrets(ctx: &JobContext, input: &Result<Job, InvalidJob>) -> SecretMask {
+    let mut mask = SecretMask::default();
+    let raw = match input {
+        Ok(job) => &job.raw,
+        Err(invalid) => &invalid.raw,
+    };
+    collect_secret_values(&Value::Object(raw.clone()), &mut mask);
+    for creds in ctx.config.registry.credentials.values() {
+        if let Ok(Some(p)) = creds.resolve_password() {
+            mask.add(p);
+        }
+    }
+    if let Ok(url) = ctx.config.amqp_url()
+        && let Some(password) = url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .and_then(|(userinfo, _)| userinfo.split_once(':'))
+            .map(|(_, p)| p.to_string())
+    {
+        mask.add(password);
+    }
+    mask
+}
+
+fn collect_secret_values(value: &Value, mask: &mut SecretMask) {
+    match value {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    Value::String(s) if crate::secrets::is_secret_field(k) => mask.add(s.clone()),
+                    _ => collect_secret_values(v, mask),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|v| collect_secret_values(v, mask)),
+        _ => {}
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn base_report(
+    ctx: &JobContext,
+    uuid: &str,
+    job_type: JobType,
+    raw: &Map<String, Value>,
+    input: &Result<Job, InvalidJob>,
+    log: &JobLog,
+    started: chrono::DateTime<Utc>,
+    delivery: DeliveryInfo,
+) -> Report {
+    let text = |key: &str| {
+        raw.get(key)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let (name, tag, group, push_url) = match input {
+        Ok(job) => (
+            job.name.clone(),
+            job.tag.clone(),
+            job.group.clone(),
+            job.push_url.clone(),
+        ),
+        Err(_) => (text("name"), text("tag"), text("group"), text("push_url")),
+    };
+    let mut data = raw.clone();
+    let has_credentials = raw
+        .get("username")
+        .and_then(Value::as_str)
+        .is_some_and(|u| !u.is_empty());
+    data.insert("default_credential".into(), Value::Bool(!has_credentials));
+    let logs_dir = log.dir().display().to_string();
+    Report {
+        uuid: uuid.to_string(),
+        name,
+        tag,
+        status: Status::Running,
+        record_type: job_type.report_type().to_string(),
+        custom: job_type != JobType::Pull,
+        yaml_content: text("yaml_content"),
+        container_details: ContainerDetails::default(),
+        size: 0,
+        virtual_size: 0,
+        image_id: None,
+        push_url,
+        date_created: record_date(started),
+        date_updated: record_date(started),
+        nfs_path: None,
+        group,
+        is_deleted: false,
+        image: None,
+        data,
+        meta: Meta {
+            worker: ctx.worker.clone(),
+            logs_dir: logs_dir.clone(),
+            container_details: ContainerDetails::default(),
+        },
+        jobs: Vec::new(),
+        manifests: Vec::new(),
+        logs_dir,
+        worker: ctx.worker.clone(),
+        logs: String::new(),
+        tags: Vec::new(),
+        deleted: false,
+        digest: None,
+        error: None,
+        warnings: Vec::new(),
+        discovery: None,
+        job_type: job_type.as_str().to_string(),
+        redelivered: delivery.redelivered,
+        started_at: insert_time(started),
+        finished_at: None,
+    }
+}

@@ -1,0 +1,270 @@
+//! The pull job: register an image that exists in a registry.
+//!
+//! Pull (or take the cached image when `pin_version` is set), inspect, optionally push to the
+//! worker's mirror, discover. The record describes the image where the platform will run it from:
+//! the mirror when there is one, else the source.
+
+use std::time::Instant;
+
+use bollard::models::ImageInspect;
+use serde_json::{Map, Value};
+
+use crate::discovery;
+use crate::engine::{self, EngineError};
+use crate::job::Job;
+use crate::joblog::JobLog;
+use crate::pipeline::{JobContext, JobError, JobEvents};
+use crate::reference;
+use crate::report::{ContainerDetails, Progress, Report};
+
+pub async fn run_pull(
+    ctx: &JobContext,
+    job: &Job,
+    log: &JobLog,
+    events: &JobEvents,
+    report: &mut Report,
+) -> Result<(), JobError> {
+    let repository = job.repository();
+    let reference = job.source_reference();
+    let tag_or_digest = job.digest.clone().unwrap_or_else(|| job.tag.clone());
+    let registry = reference::registry_host(&job.push_url);
+
+    let cached = if job.pin_version {
+        engine::inspect_image(&ctx.docker, &reference).await?
+    } else {
+        None
+    };
+    if cached.is_some() {
+        log.info(format!(
+            "pin_version is true and {reference} is cached on this worker: not pulling"
+        ));
+    } else {
+        let (username, password) = registry_credentials(ctx, job, registry)?;
+        log.info(format!(
+            "pulling {reference}{}{}",
+            job.platform
+                .as_deref()
+                .map(|p| format!(" for {p}"))
+                .unwrap_or_default(),
+            match &username {
+                Some(u) if job.username.is_some() => format!(" as {u} (job credentials)"),
+                Some(u) => format!(" as {u} (worker credentials)"),
+                None => String::new(),
+            }
+        ));
+        events.running("pulling", Progress::default());
+        let started = Instant::now();
+        let pulled = engine::pull_image(
+            &ctx.docker,
+            &repository,
+            &tag_or_digest,
+            job.platform.as_deref(),
+            engine::credentials(registry, username.as_deref(), password.as_deref()),
+            |p| events.running("pulling", p),
+            |line| log.info(line),
+        )
+        .await
+        .map_err(|e| pull_error(e, &reference))?;
+        log.info(format!(
+            "pulled {reference}: {} bytes downloaded in {:.1} s",
+            pulled.current,
+            started.elapsed().as_secs_f64()
+        ));
+    }
+
+    let inspect = engine::inspect_image(&ctx.docker, &reference)
+        .await?
+        .ok_or_else(|| {
+            JobError::new(
+                "engine",
+                format!("the engine does not list {reference} after pulling it"),
+                true,
+            )
+        })?;
+    apply_inspect(report, &inspect);
+    report.image = Some(reference.clone());
+    report.digest = job
+        .digest
+        .clone()
+        .or_else(|| engine::repo_digest(&inspect, &repository));
+    log.info(format!(
+        "image {} size {} bytes, digest {}",
+        report.image_id.as_deref().unwrap_or("?"),
+        report.size,
+        report.digest.as_deref().unwrap_or("unknown")
+    ));
+
+    if let Some(mirror) = &ctx.config.registry.mirror {
+        push_to_mirror(ctx, job, log, events, report, mirror, &reference).await?;
+    }
+
+    if job.discover {
+        discover(ctx, log, events, report, &inspect).await?;
+    } else {
+        log.info("discovery skipped (discover: false)");
+    }
+    Ok(())
+}
+
+/// The job's credentials when it brings some, else the worker's for that registry.
+fn registry_credentials(
+    ctx: &JobContext,
+    job: &Job,
+    registry: &str,
+) -> Result<(Option<String>, Option<String>), JobError> {
+    if job.username.is_some() {
+        return Ok((job.username.clone(), job.password.clone()));
+    }
+    match ctx.config.registry.credentials.get(registry) {
+        Some(creds) => {
+            let password = creds.resolve_password().map_err(|e| {
+                JobError::new(
+                    "internal",
+                    format!("worker credentials for {registry}: {e}"),
+                    false,
+                )
+            })?;
+            Ok((Some(creds.username.clone()), password))
+        }
+        None => Ok((None, None)),
+    }
+}
+
+fn pull_error(e: EngineError, reference: &str) -> JobError {
+    let mut err = JobError::from(e);
+    err.message = match err.kind {
+        "auth" => format!(
+            "the registry refused the credentials for {reference}: {}",
+            err.message
+        ),
+        "not_found" => format!(
+            "{reference} does not exist in the registry: {}",
+            err.message
+        ),
+        "registry_unreachable" => {
+            format!("cannot reach the registry of {reference}: {}", err.message)
+        }
+        _ => format!("pulling {reference} failed: {}", err.message),
+    };
+    err
+}
+
+fn apply_inspect(report: &mut Report, inspect: &ImageInspect) {
+    report.image_id = inspect.id.clone();
+    report.size = inspect.size.unwrap_or(0);
+    // API 1.41 reports VirtualSize equal to Size for local images; later APIs dropped it.
+    report.virtual_size = report.size;
+    let mut detail = Map::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            detail.insert(k.to_string(), Value::String(v));
+        }
+    };
+    put("os", inspect.os.clone());
+    put("architecture", inspect.architecture.clone());
+    put("created", inspect.created.clone());
+    let config = inspect.config.as_ref();
+    put(
+        "workspace",
+        config.and_then(|c| c.env.as_ref()).and_then(|env| {
+            env.iter()
+                .find_map(|e| e.strip_prefix("WORKSPACE=").map(str::to_string))
+        }),
+    );
+    if let Some(layers) = inspect.root_fs.as_ref().and_then(|r| r.layers.as_ref()) {
+        detail.insert("layers".into(), Value::from(layers.len()));
+    }
+    report.container_details = ContainerDetails { detail };
+    report.meta.container_details = report.container_details.clone();
+}
+
+async fn push_to_mirror(
+    ctx: &JobContext,
+    job: &Job,
+    log: &JobLog,
+    events: &JobEvents,
+    report: &mut Report,
+    mirror: &str,
+    reference: &str,
+) -> Result<(), JobError> {
+    let namespace = format!(
+        "{}/{}",
+        mirror.trim_end_matches('/'),
+        job.group.to_ascii_lowercase()
+    );
+    reference::validate_push_url(&namespace).map_err(|e| {
+        JobError::new(
+            "invalid_job",
+            format!("cannot mirror into group {:?}: {e}", job.group),
+            false,
+        )
+    })?;
+    let target_repo = format!("{namespace}/{}", job.name);
+    let registry = reference::registry_host(mirror);
+    engine::tag_image(&ctx.docker, reference, &target_repo, &job.tag).await?;
+    log.info(format!("pushing to the mirror: {target_repo}:{}", job.tag));
+    events.running("pushing", Progress::default());
+    let (username, password) = match ctx.config.registry.credentials.get(registry) {
+        Some(c) => (
+            Some(c.username.clone()),
+            c.resolve_password()
+                .map_err(|e| JobError::new("internal", e.to_string(), false))?,
+        ),
+        None => (None, None),
+    };
+    let digest = engine::push_image(
+        &ctx.docker,
+        &target_repo,
+        &job.tag,
+        engine::credentials(registry, username.as_deref(), password.as_deref()),
+        |p| events.running("pushing", p),
+        |line| log.info(line),
+    )
+    .await
+    .map_err(|e| {
+        let mut err = JobError::from(e);
+        err.message = format!(
+            "pushing to the mirror {target_repo}:{} failed: {}",
+            job.tag, err.message
+        );
+        err
+    })?;
+    report.push_url = namespace;
+    report.image = Some(format!("{target_repo}:{}", job.tag));
+    if digest.is_some() {
+        report.digest = digest;
+    }
+    Ok(())
+}
+
+async fn discover(
+    ctx: &JobContext,
+    log: &JobLog,
+    events: &JobEvents,
+    report: &mut Report,
+    inspect: &ImageInspect,
+) -> Result<(), JobError> {
+    let image_id = inspect.id.as_deref().unwrap_or_default();
+    events.running("discovering", Progress::default());
+    let started = Instant::now();
+    let options = ctx.config.discovery.options();
+    let found = discovery::discover_image(&ctx.docker, image_id, &options)
+        .await
+        .map_err(|e| JobError::new("discovery", format!("discovery failed: {e}"), true))?;
+    let elapsed = started.elapsed();
+    log.info(format!(
+        "discovery ({} source, root {}): {} job files, {} manifests, {} warnings, {} files scanned in {} ms",
+        found.source,
+        found.root,
+        found.jobs.len(),
+        found.manifests.len(),
+        found.warnings.len(),
+        found.files_scanned,
+        elapsed.as_millis()
+    ));
+    for warning in &found.warnings {
+        log.warn(format!("discovery: {warning}"));
+    }
+    report.set_discovery(found, elapsed);
+    Ok(())
+}

@@ -1,0 +1,143 @@
+//! Keeping secrets out of every output: logs, events, reports, files under `logs_dir`.
+//!
+//! A job registers its secrets (the registry password, tokens) in a [`SecretMask`]; every line
+//! that leaves the job goes through [`SecretMask::mask`]. Engine and registry messages can also
+//! echo URLs with credentials; [`mask_url_credentials`] removes those whatever they hold.
+
+use std::sync::OnceLock;
+
+use regex::Regex;
+
+/// What a secret is replaced with.
+pub const MASK: &str = "********";
+
+/// Field names whose values are secrets wherever they appear in a job message.
+pub const SECRET_FIELDS: &[&str] = &[
+    "password",
+    "automation_token",
+    "token",
+    "secret",
+    "ssh_key",
+    "credentials",
+];
+
+/// The secrets of one job.
+#[derive(Debug, Clone, Default)]
+pub struct SecretMask {
+    secrets: Vec<String>,
+}
+
+impl SecretMask {
+    /// Adds a secret; empty and very short values are ignored (masking "a" would mangle text,
+    /// and a one-character password is no secret).
+    pub fn add(&mut self, secret: impl Into<String>) {
+        let secret = secret.into();
+        if secret.len() >= 3 && !self.secrets.contains(&secret) {
+            self.secrets.push(secret);
+            // Longest first, so a secret that contains another is masked whole.
+            self.secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+        }
+    }
+
+    /// `text` with every registered secret and every URL credential replaced by [`MASK`].
+    pub fn mask(&self, text: &str) -> String {
+        let mut out = mask_url_credentials(text);
+        for secret in &self.secrets {
+            if out.contains(secret.as_str()) {
+                out = out.replace(secret.as_str(), MASK);
+            }
+        }
+        out
+    }
+
+    /// Masks a JSON value in place: values of secret fields, and secrets inside strings.
+    pub fn mask_json(&self, value: &mut serde_json::Value) {
+        match value {
+            serde_json::Value::String(s) => {
+                let masked = self.mask(s);
+                if masked != *s {
+                    *s = masked;
+                }
+            }
+            serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.mask_json(v)),
+            serde_json::Value::Object(map) => {
+                for (key, v) in map.iter_mut() {
+                    if is_secret_field(key) && !v.is_null() {
+                        *v = serde_json::Value::String(MASK.into());
+                    } else {
+                        self.mask_json(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Whether a field of that name holds a secret.
+pub fn is_secret_field(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    SECRET_FIELDS.iter().any(|f| name == *f) || name.ends_with("_password")
+}
+
+/// Replaces `user:password@` in any URL of `text` with `********@`.
+pub fn mask_url_credentials(text: &str) -> String {
+    static URL_CREDENTIALS: OnceLock<Regex> = OnceLock::new();
+    let re = URL_CREDENTIALS
+        .get_or_init(|| Regex::new(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@").unwrap());
+    re.replace_all(text, format!("${{scheme}}{MASK}@").as_str())
+        .into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn masks_registered_secrets_and_url_credentials() {
+        let mut m = SecretMask::default();
+        m.add("hunter2-long");
+        m.add("x"); // too short to mask
+        let text =
+            "login with hunter2-long to https://bob:pw@reg.example/v2/ and amqp://u:p@h:5672";
+        let out = m.mask(text);
+        assert_eq!(
+            out,
+            "login with ******** to https://********@reg.example/v2/ and amqp://********@h:5672"
+        );
+    }
+
+    #[test]
+    fn masks_longest_secret_first() {
+        let mut m = SecretMask::default();
+        m.add("abc");
+        m.add("abcdef");
+        assert_eq!(m.mask("pw=abcdef"), "pw=********");
+    }
+
+    #[test]
+    fn masks_json_secret_fields_and_embedded_values() {
+        let mut m = SecretMask::default();
+        m.add("s3cr3t-value");
+        let mut v = serde_json::json!({
+            "password": "anything",
+            "automation_token": "Jwt abc",
+            "name": "n",
+            "nested": {"note": "it is s3cr3t-value here", "registry_password": "p"},
+            "list": ["s3cr3t-value"],
+            "null_password": null
+        });
+        m.mask_json(&mut v);
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "password": MASK,
+                "automation_token": MASK,
+                "name": "n",
+                "nested": {"note": "it is ******** here", "registry_password": MASK},
+                "list": [MASK],
+                "null_password": null
+            })
+        );
+    }
+}
