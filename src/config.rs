@@ -422,6 +422,17 @@ mod tests {
     }
 
     #[test]
+    fn shipped_example_is_valid_and_matches_the_defaults() {
+        let shipped = include_str!("../config/image-worker.yaml");
+        let c = Config::from_yaml_and_env(shipped, env(&[])).unwrap();
+        let d = Config::default();
+        assert_eq!(
+            serde_json::to_value(&c).unwrap(),
+            serde_json::to_value(&d).unwrap()
+        );
+    }
+
+    #[test]
     fn environment_overrides_file() {
         let yaml = "worker:\n  group: lab\n  concurrency: 3\n";
         let c = Config::from_yaml_and_env(

@@ -1,0 +1,501 @@
+//! Pull jobs end to end: a real worker process, RabbitMQ, the Docker engine and the registries.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn assert_basic_discovery(report: &Value) {
+    let jobs: Vec<&str> = report["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j.as_str().unwrap())
+        .collect();
+    assert_eq!(jobs, expected::BASIC_JOBS);
+    let manifests = report["manifests"].as_array().unwrap();
+    assert_eq!(manifests.len(), 1, "{manifests:?}");
+    let m = &manifests[0];
+    assert_eq!(m["file"], "/pyats/dest/basic/basic_example_job.tem");
+    assert_eq!(m["job_file"], "/pyats/dest/basic/basic_example_job.py");
+    assert_eq!(m["name"], "basic_example");
+    assert_eq!(m["description"], "Basic example job");
+    assert_eq!(m["tags"], json!(["basic", "example"]));
+    assert_eq!(m["arguments"]["testbed-file"], "/pyats/testbeds/basic.yaml");
+    assert_eq!(m["arguments"]["max-failures"], 2);
+    let profiles = m["profiles"].as_array().unwrap();
+    assert_eq!(profiles[0]["name"], "DEFAULT");
+    assert_eq!(profiles[0]["arguments"]["max-failures"], 2);
+    assert_eq!(profiles[1]["name"], "sanity");
+    assert_eq!(profiles[1]["arguments"]["max-failures"], 0);
+    assert!(m["runtimes"].get("system").is_some(), "{}", m["runtimes"]);
+    let warnings: Vec<&str> = report["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| w.as_str().unwrap())
+        .collect();
+    assert_eq!(warnings.len(), 2, "{warnings:?}");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("/pyats/dest/broken/broken_job.tem")),
+        "{warnings:?}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("/pyats/dest/broken/notype_job.tem")),
+        "{warnings:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_job_over_amqp_reports_the_seed_record() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let job = pull_job("basic");
+    let uuid = job["uuid"].as_str().unwrap().to_string();
+    broker.publish_job(&job).await;
+    let report = broker.wait_reply(&uuid, WAIT).await;
+
+    assert_eq!(report["status"], "successful", "{report:#}");
+    assert_eq!(report["uuid"], uuid.as_str());
+    assert_eq!(report["type"], "pyats");
+    assert_eq!(report["custom"], false);
+    assert_eq!(report["name"], "fixtures/basic");
+    assert_eq!(report["tag"], "latest");
+    assert_eq!(report["group"], "testers");
+    assert_eq!(report["push_url"], OPEN_REGISTRY);
+    assert_seed_shape(&report);
+    assert_eq!(report["image_id"], image_id(&fixture("basic")).as_str());
+    assert!(report["size"].as_i64().unwrap() > 0);
+    assert!(report["digest"].as_str().unwrap().starts_with("sha256:"));
+    assert_eq!(report["error"], Value::Null);
+    assert_basic_discovery(&report);
+
+    // The worker block is filled, and the same in meta.
+    let w = &report["worker"];
+    assert_eq!(w, &report["meta"]["worker"]);
+    assert!(!w["app_label"].as_str().unwrap().is_empty());
+    assert!(uuid::Uuid::parse_str(w["worker_id"].as_str().unwrap()).is_ok());
+    assert_eq!(w["site"], "TEST");
+    assert_eq!(w["bldg"], "TEST-1");
+    assert_eq!(w["group"], "general");
+    assert_eq!(w["caps"], json!(["image", "polaris_image", "pyats"]));
+    let insert_time = w["insert_time"].as_str().unwrap();
+    assert!(
+        chrono::NaiveDateTime::parse_from_str(insert_time, "%Y-%m-%dT%H:%M:%S%.6fZ").is_ok(),
+        "{insert_time}"
+    );
+    let created = report["date_created"].as_str().unwrap();
+    assert!(
+        chrono::NaiveDateTime::parse_from_str(created, "%Y-%m-%d %H:%M:%S").is_ok(),
+        "{created}"
+    );
+
+    // logs_dir: <root>/<YYYY>/<MM>/images/<uuid>, holding the whole log and the report.
+    let logs_dir = std::path::PathBuf::from(report["logs_dir"].as_str().unwrap());
+    let now = chrono::Utc::now();
+    assert_eq!(
+        logs_dir,
+        worker
+            .logs_root
+            .join(now.format("%Y/%m").to_string())
+            .join("images")
+            .join(&uuid)
+    );
+    let job_log = std::fs::read_to_string(logs_dir.join("job.log")).unwrap();
+    assert!(
+        job_log.contains("pulling 127.0.0.1:5000/fixtures/basic:latest"),
+        "{job_log}"
+    );
+    assert!(job_log.contains("job successful"), "{job_log}");
+    assert!(report["logs"].as_str().unwrap().contains("job successful"));
+    let on_disk: Value =
+        serde_json::from_str(&std::fs::read_to_string(logs_dir.join("report.json")).unwrap())
+            .unwrap();
+    assert_eq!(on_disk, report);
+
+    // The job's data is echoed, its token masked.
+    assert_eq!(report["data"]["submitter"], "tests");
+    assert_eq!(report["data"]["automation_token"], "********");
+    assert_eq!(report["data"]["default_credential"], true);
+
+    // Events: running phases, then the final event on job.pull.successful.
+    broker.drain_events(Duration::from_millis(500)).await;
+    let keys = broker.seen_keys();
+    assert!(keys.contains(&"job.pull.running".to_string()), "{keys:?}");
+    assert!(
+        keys.contains(&"job.pull.successful".to_string()),
+        "{keys:?}"
+    );
+    assert!(keys.contains(&"worker.heartbeat".to_string()), "{keys:?}");
+    let phases: Vec<String> = broker
+        .seen
+        .iter()
+        .filter(|(k, _)| k == "job.pull.running")
+        .map(|(_, b)| {
+            serde_json::from_slice::<Value>(b).unwrap()["phase"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        phases.contains(&"pulling".to_string()) && phases.contains(&"discovering".to_string()),
+        "{phases:?}"
+    );
+    let final_event: Value = broker
+        .seen
+        .iter()
+        .find(|(k, _)| k == "job.pull.successful")
+        .map(|(_, b)| serde_json::from_slice(b).unwrap())
+        .unwrap();
+    assert_eq!(final_event, report);
+    assert!(
+        !String::from_utf8_lossy(
+            &broker
+                .seen
+                .iter()
+                .flat_map(|(_, b)| b.clone())
+                .collect::<Vec<u8>>()
+        )
+        .contains("not-a-real-token-but-secret")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_registry_right_and_wrong_credentials() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let auth_job = |password: Option<&str>| {
+        let mut job = pull_job("basic");
+        job["push_url"] = json!(AUTH_REGISTRY);
+        if let Some(p) = password {
+            job["username"] = json!(REG_USER);
+            job["password"] = json!(p);
+        }
+        job
+    };
+    let wrong_password = "wrong-Pa55word-for-test";
+
+    let good = auth_job(Some(REG_PASS));
+    broker.publish_job(&good).await;
+    let ok = broker
+        .wait_reply(good["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(ok["status"], "successful", "{ok:#}");
+    assert_eq!(ok["data"]["password"], "********");
+    assert_eq!(ok["data"]["default_credential"], false);
+    assert_basic_discovery(&ok);
+
+    let bad = auth_job(Some(wrong_password));
+    broker.publish_job(&bad).await;
+    let failed = broker.wait_reply(bad["uuid"].as_str().unwrap(), WAIT).await;
+    assert_eq!(failed["status"], "failed", "{failed:#}");
+    assert_eq!(failed["error"]["kind"], "auth", "{failed:#}");
+    assert_eq!(failed["error"]["retryable"], false);
+    assert_seed_shape(&failed);
+
+    let none = auth_job(None);
+    broker.publish_job(&none).await;
+    let refused = broker
+        .wait_reply(none["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(refused["error"]["kind"], "auth", "{refused:#}");
+
+    // No password anywhere: worker log, events, replies, files under logs_dir.
+    broker.drain_events(Duration::from_millis(300)).await;
+    let mut leaks = Vec::new();
+    for secret in [REG_PASS, wrong_password] {
+        if worker.log_text().contains(secret) {
+            leaks.push(format!("worker log holds {secret}"));
+        }
+        for (key, body) in &broker.seen {
+            if String::from_utf8_lossy(body).contains(secret) {
+                leaks.push(format!("message {key} holds {secret}"));
+            }
+        }
+        for (path, text) in files_under(&worker.logs_root) {
+            if text.contains(secret) {
+                leaks.push(format!("{} holds {secret}", path.display()));
+            }
+        }
+    }
+    assert!(leaks.is_empty(), "{leaks:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_outcome_and_the_worker_goes_on() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+
+    // Not JSON, and JSON of the wrong shape: dead-lettered with a reason.
+    broker
+        .publish_raw("general", b"this is not json {", "x1")
+        .await;
+    let (body, reason) = broker
+        .get_dead(Duration::from_secs(30))
+        .await
+        .expect("dead letter");
+    assert_eq!(body, b"this is not json {");
+    assert!(reason.starts_with("message is not JSON"), "{reason}");
+    broker.publish_raw("general", b"[1, 2, 3]", "x2").await;
+    let (_, reason) = broker
+        .get_dead(Duration::from_secs(30))
+        .await
+        .expect("dead letter");
+    assert_eq!(reason, "message is JSON but not an object");
+    broker
+        .publish_raw("general", br#"{"type": "pull", "name": "x"}"#, "x3")
+        .await;
+    let (_, reason) = broker
+        .get_dead(Duration::from_secs(30))
+        .await
+        .expect("dead letter");
+    assert!(reason.contains("uuid"), "{reason}");
+    broker
+        .publish_raw(
+            "general",
+            format!(r#"{{"uuid": "{}", "type": "erase"}}"#, new_uuid()).as_bytes(),
+            "x4",
+        )
+        .await;
+    let (_, reason) = broker
+        .get_dead(Duration::from_secs(30))
+        .await
+        .expect("dead letter");
+    assert!(reason.contains("\"erase\" is not one of"), "{reason}");
+
+    // A malformed image name: failed report, invalid_job.
+    let mut malformed = pull_job("basic");
+    malformed["name"] = json!("Bad/../Name;rm -rf");
+    broker.publish_job(&malformed).await;
+    let r = broker
+        .wait_reply(malformed["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["error"]["kind"], "invalid_job");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("not a valid repository name"),
+        "{r:#}"
+    );
+    assert_seed_shape(&r);
+
+    // A missing image: failed report, not_found.
+    let missing = pull_job("does-not-exist");
+    broker.publish_job(&missing).await;
+    let r = broker
+        .wait_reply(missing["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r["status"], "failed");
+    assert_eq!(r["error"]["kind"], "not_found", "{r:#}");
+
+    // An unreachable registry: failed, retryable, a different kind.
+    let mut unreachable = pull_job("basic");
+    unreachable["push_url"] = json!("127.0.0.1:5999/fixtures");
+    unreachable["name"] = json!("basic");
+    broker.publish_job(&unreachable).await;
+    let r = broker
+        .wait_reply(unreachable["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r["error"]["kind"], "registry_unreachable", "{r:#}");
+    assert_eq!(r["error"]["retryable"], true);
+
+    // The worker still serves the next job.
+    let good = pull_job("basic");
+    broker.publish_job(&good).await;
+    let r = broker
+        .wait_reply(good["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r["status"], "successful", "{r:#}");
+    assert_eq!(
+        r["jobs"].as_array().unwrap().len(),
+        expected::BASIC_JOBS.len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pin_version_uses_the_cache_and_false_pulls_again() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    // A tag of our own, first pointing at `basic`, later moved to `workspace` in the registry.
+    let tag = unique("pin");
+    let target = format!("{OPEN_REGISTRY}/fixtures/pinned:{tag}");
+    docker(&["tag", &fixture("basic"), &target]);
+    docker(&["push", &target]);
+    docker(&["rmi", &target]);
+    let job = |pin: bool| {
+        let mut j = pull_job("basic");
+        j["name"] = json!("fixtures/pinned");
+        j["tag"] = json!(tag);
+        j["pin_version"] = json!(pin);
+        j
+    };
+    let first = job(false);
+    broker.publish_job(&first).await;
+    let r1 = broker
+        .wait_reply(first["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r1["status"], "successful", "{r1:#}");
+    assert_eq!(r1["image_id"], image_id(&fixture("basic")).as_str());
+
+    // Move the tag in the registry to another image, leaving the old one cached here.
+    docker(&["tag", &fixture("workspace"), &target]);
+    docker(&["push", &target]);
+    docker(&["tag", &fixture("basic"), &target]);
+
+    let pinned = job(true);
+    broker.publish_job(&pinned).await;
+    let r2 = broker
+        .wait_reply(pinned["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r2["status"], "successful", "{r2:#}");
+    assert_eq!(
+        r2["image_id"], r1["image_id"],
+        "pin_version: true must use the cached image"
+    );
+    assert!(
+        r2["logs"].as_str().unwrap().contains("not pulling"),
+        "{}",
+        r2["logs"]
+    );
+
+    let unpinned = job(false);
+    broker.publish_job(&unpinned).await;
+    let r3 = broker
+        .wait_reply(unpinned["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r3["status"], "successful", "{r3:#}");
+    assert_eq!(
+        r3["image_id"],
+        image_id(&fixture("workspace")).as_str(),
+        "pin_version: false must pull again"
+    );
+    assert!(
+        r3["logs"].as_str().unwrap().contains("pulling"),
+        "{}",
+        r3["logs"]
+    );
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &target])
+        .output();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirror_push_reports_the_mirror_namespace() {
+    let worker = Worker::start(WorkerOptions {
+        extra_yaml: format!(
+            "registry:\n  mirror: {AUTH_REGISTRY}\n  credentials:\n    \"{AUTH_REGISTRY}\":\n      username: {REG_USER}\n      password: {REG_PASS}\n"
+        ),
+        ..Default::default()
+    });
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let mut job = pull_job("basic");
+    job["group"] = json!("mirrorgroup");
+    broker.publish_job(&job).await;
+    let r = broker.wait_reply(job["uuid"].as_str().unwrap(), WAIT).await;
+    assert_eq!(r["status"], "successful", "{r:#}");
+    assert_eq!(r["push_url"], format!("{AUTH_REGISTRY}/mirrorgroup"));
+    assert_eq!(
+        r["image"],
+        format!("{AUTH_REGISTRY}/mirrorgroup/fixtures/basic:latest")
+    );
+    let digest = r["digest"].as_str().unwrap();
+    assert!(digest.starts_with("sha256:"), "{digest}");
+    // The mirror really holds it: its manifest digest matches.
+    let out = std::process::Command::new("curl")
+        .args([
+            "-sf",
+            "-u",
+            &format!("{REG_USER}:{REG_PASS}"),
+            "-o",
+            "/dev/null",
+            "-D",
+            "-",
+            "-H",
+            "Accept: application/vnd.docker.distribution.manifest.v2+json",
+            &format!("http://{AUTH_REGISTRY}/v2/mirrorgroup/fixtures/basic/manifests/latest"),
+        ])
+        .output()
+        .unwrap();
+    let headers = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+    assert!(
+        headers.contains(&format!("docker-content-digest: {digest}")),
+        "{headers}"
+    );
+    assert!(!worker.log_text().contains(REG_PASS));
+    for (path, text) in files_under(&worker.logs_root) {
+        assert!(
+            !text.contains(REG_PASS),
+            "{} holds the password",
+            path.display()
+        );
+    }
+}
+
+#[test]
+fn job_command_gives_the_same_report_without_a_broker() {
+    setup();
+    let dir = std::env::temp_dir().join(unique("iw-jobcmd"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let job = pull_job("basic");
+    let file = dir.join("job.json");
+    std::fs::write(&file, job.to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-worker"))
+        .args(["job"])
+        .arg(&file)
+        .env("IMAGE_WORKER__LOGS__ROOT", dir.join("logs"))
+        .env(
+            "IMAGE_WORKER__AMQP__URL",
+            "amqp://nobody:nothing@127.0.0.1:1/%2f",
+        )
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "successful");
+    assert_eq!(report["uuid"], job["uuid"]);
+    assert_seed_shape(&report);
+    assert_basic_discovery(&report);
+    assert_eq!(report["image_id"], image_id(&fixture("basic")).as_str());
+
+    // Not a job at all: exit 65 and a reason, no report.
+    std::fs::write(&file, "{\"uuid\": 5}").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-worker"))
+        .args(["job"])
+        .arg(&file)
+        .env("IMAGE_WORKER__LOGS__ROOT", dir.join("logs"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(65));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no valid uuid"));
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn seed_copy_matches_the_shared_contract() {
+    // tests/data holds the seed's retrieve example (its trailing comma removed); when the
+    // shared contract sits beside the repository, check the copy still matches it.
+    let seed = repo_root().join("../shared/seed/test-images-rest-api.txt");
+    let copy = seed_record();
+    let keys: Vec<&String> = copy.as_object().unwrap().keys().collect();
+    assert_eq!(keys.len(), 27);
+    if let Ok(text) = std::fs::read_to_string(&seed) {
+        for key in keys {
+            assert!(text.contains(&format!("\"{key}\"")), "seed lacks {key}");
+        }
+    }
+}
