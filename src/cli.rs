@@ -292,6 +292,7 @@ async fn run_local_job(config: Config, file: &str) -> anyhow::Result<ExitCode> {
         config,
         docker,
         worker,
+        metrics: Default::default(),
     };
     let finished = run_job(&ctx, input, DeliveryInfo::default(), None).await;
     let value: Value = serde_json::from_slice(&finished.json)?;

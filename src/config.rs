@@ -48,6 +48,24 @@ pub struct Config {
     pub logs: LogsConfig,
     /// Limits that apply to every job.
     pub jobs: JobsConfig,
+    /// The operations endpoint: /healthz, /readyz, /metrics.
+    pub http: HttpConfig,
+}
+
+/// The operations endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on (loopback by default; port 0 picks a free one); empty disables it.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// Worker identity, as reported in every record's `worker` block.

@@ -6,7 +6,6 @@
 //! Anything else is left unacknowledged, and the broker delivers it again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -104,7 +103,6 @@ struct Daemon {
     queues: Vec<(String, String)>,
     tracker: TaskTracker,
     permits: Arc<Semaphore>,
-    in_flight: Arc<AtomicUsize>,
     shutdown: Shutdown,
 }
 
@@ -125,9 +123,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         concurrency = config.worker.concurrency,
         "image-worker starting"
     );
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let http_stop = CancellationToken::new();
+    if !config.http.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+        tracing::info!(address = %listener.local_addr()?, "http endpoint listening (/healthz, /readyz, /metrics)");
+        tokio::spawn(crate::http::serve(
+            listener,
+            metrics.clone(),
+            http_stop.clone(),
+        ));
+    }
+    let _stop_http = http_stop.drop_guard();
     let Some(docker) = connect_engine(&config, &shutdown).await else {
         return Ok(());
     };
+    metrics.set_engine_up(true);
+    tokio::spawn(watch_engine(
+        docker.clone(),
+        metrics.clone(),
+        shutdown.graceful.clone(),
+    ));
     let daemon = Daemon {
         topology: Topology::new(&config.amqp.prefix),
         permits: Arc::new(Semaphore::new(config.worker.concurrency as usize)),
@@ -135,10 +153,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             config,
             docker,
             worker,
+            metrics,
         }),
         queues,
         tracker: TaskTracker::new(),
-        in_flight: Arc::new(AtomicUsize::new(0)),
         shutdown,
     };
     let mut backoff = Duration::from_millis(500);
@@ -180,12 +198,39 @@ async fn connect_engine(config: &Config, shutdown: &Shutdown) -> Option<bollard:
     }
 }
 
+/// Keeps `engine_up` true to the engine's answers, for /readyz and /metrics.
+async fn watch_engine(
+    docker: bollard::Docker,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(5), docker.ping()).await,
+            Ok(Ok(_))
+        );
+        if up != metrics.engine_up() {
+            if up {
+                tracing::info!("the Docker engine answers again");
+            } else {
+                tracing::error!("the Docker engine does not answer");
+            }
+        }
+        metrics.set_engine_up(up);
+    }
+}
+
 impl Daemon {
     fn worker_event(&self, event: &str) -> Vec<u8> {
         serde_json::to_vec(&json!({
             "event": event,
             "worker": self.ctx.worker,
-            "jobs_in_flight": self.in_flight.load(Ordering::Relaxed),
+            "jobs_in_flight": self.ctx.metrics.in_flight(),
             "concurrency": self.ctx.config.worker.concurrency,
             "time": insert_time(chrono::Utc::now()),
         }))
@@ -263,6 +308,7 @@ impl Daemon {
                 false,
             )
             .await?;
+        self.ctx.metrics.set_broker_up(true);
         tracing::info!("connected to the broker; consuming");
         let mut heartbeat = tokio::time::interval(Duration::from_secs(
             config.worker.heartbeat_interval_s.max(1),
@@ -288,11 +334,8 @@ impl Daemon {
                         let topology = self.topology.clone();
                         let events = events_tx.clone();
                         let abort = self.shutdown.immediate.clone();
-                        let in_flight = self.in_flight.clone();
-                        in_flight.fetch_add(1, Ordering::Relaxed);
                         self.tracker.spawn(async move {
                             handle_delivery(&ctx, &publisher, &topology, delivery, events, abort).await;
-                            in_flight.fetch_sub(1, Ordering::Relaxed);
                             drop(permit);
                         });
                     }
@@ -325,6 +368,7 @@ impl Daemon {
                 .close(200, ShortString::from("worker stopping"))
                 .await;
         }
+        self.ctx.metrics.set_broker_up(false);
         drop(events_tx);
         forwarder.abort();
         result
@@ -333,7 +377,7 @@ impl Daemon {
     /// Lets running jobs finish within the grace period; after it, or on a second signal,
     /// tells them to stop (their messages go back to the queue, unacknowledged).
     async fn wait_for_jobs(&self) {
-        let running = self.in_flight.load(Ordering::Relaxed);
+        let running = self.ctx.metrics.in_flight();
         if running > 0 {
             tracing::info!(
                 running,
@@ -346,7 +390,7 @@ impl Daemon {
         tokio::select! {
             _ = self.tracker.wait() => {}
             _ = tokio::time::sleep(grace) => {
-                tracing::warn!(running = self.in_flight.load(Ordering::Relaxed), "grace period over: returning running jobs to the queue");
+                tracing::warn!(running = self.ctx.metrics.in_flight(), "grace period over: returning running jobs to the queue");
                 self.shutdown.immediate.cancel();
             }
             _ = self.shutdown.immediate.cancelled() => {}
@@ -380,6 +424,7 @@ async fn handle_delivery(
             let outcome = publisher
                 .publish("", &topology.dead_queue(), &delivery.data, props, true)
                 .await;
+            ctx.metrics.dead_lettered();
             settle(&delivery, outcome.map_err(|e| e.to_string()), "dead-letter").await;
             return;
         }
@@ -388,15 +433,24 @@ async fn handle_delivery(
     let info = DeliveryInfo {
         redelivered: delivery.redelivered,
     };
+    let job_type = match &input {
+        Ok(job) => job.job_type,
+        Err(invalid) => invalid.job_type,
+    };
+    ctx.metrics.job_started();
+    let started = std::time::Instant::now();
     let finished = tokio::select! {
         f = run_job(ctx, input, info, Some(events)) => f,
         _ = abort.cancelled() => {
+            ctx.metrics.job_finished(job_type.as_str(), "interrupted", started.elapsed());
             // Not acknowledged: the broker gives the job to another worker.
             tracing::warn!(routing_key = %source, "job interrupted by shutdown; returned to the queue");
             return;
         }
     };
     let report = &finished.report;
+    ctx.metrics
+        .job_finished(job_type.as_str(), report.status.as_str(), started.elapsed());
     let key = format!("job.{}.{}", report.job_type, report.status.as_str());
     let props =
         BasicProperties::default().with_correlation_id(ShortString::from(report.uuid.clone()));

@@ -24,6 +24,7 @@ pub struct JobContext {
     pub config: Config,
     pub docker: Docker,
     pub worker: WorkerInfo,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Why a job failed.

@@ -65,6 +65,7 @@ pub async fn run_pull(
         )
         .await
         .map_err(|e| pull_error(e, &reference))?;
+        ctx.metrics.add_bytes_pulled(pulled.current);
         log.info(format!(
             "pulled {reference}: {} bytes downloaded in {:.1} s",
             pulled.current,
@@ -212,7 +213,7 @@ async fn push_to_mirror(
         ),
         None => (None, None),
     };
-    let digest = engine::push_image(
+    let (digest, pushed) = engine::push_image(
         &ctx.docker,
         &target_repo,
         &job.tag,
@@ -229,6 +230,7 @@ async fn push_to_mirror(
         );
         err
     })?;
+    ctx.metrics.add_bytes_pushed(pushed.current);
     report.push_url = namespace;
     report.image = Some(format!("{target_repo}:{}", job.tag));
     if digest.is_some() {

@@ -1,0 +1,64 @@
+//! What operators see: health, readiness, metrics, worker events, graceful stop.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() {
+    let mut worker = Worker::start(WorkerOptions::default());
+    assert_eq!(worker.http_get("/healthz"), (200, "ok\n".to_string()));
+    let (code, body) = worker.http_get("/readyz");
+    assert_eq!((code, body.as_str()), (200, "broker: up\nengine: up\n"));
+    assert_eq!(worker.http_get("/nope").0, 404);
+
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let job = pull_job("basic");
+    broker.publish_job(&job).await;
+    let report = broker
+        .wait_reply(job["uuid"].as_str().unwrap(), Duration::from_secs(120))
+        .await;
+    assert_eq!(report["status"], "successful");
+    broker.publish_raw("general", b"not json", "x").await;
+    assert!(broker.get_dead(Duration::from_secs(30)).await.is_some());
+
+    let (code, metrics) = worker.http_get("/metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("image_worker_jobs_total{type=\"pull\",status=\"successful\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("image_worker_job_duration_seconds_count{type=\"pull\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("image_worker_jobs_in_flight 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("image_worker_dead_lettered_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("image_worker_broker_up 1\n"), "{metrics}");
+    assert!(metrics.contains("image_worker_engine_up 1\n"), "{metrics}");
+
+    // Heartbeats come every second (heartbeat_interval_s: 1 in the test config).
+    broker.drain_events(Duration::from_millis(1500)).await;
+    // Graceful stop: worker.offline is published and the process exits 0.
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0));
+    broker.drain_events(Duration::from_millis(500)).await;
+    let keys = broker.seen_keys();
+    assert!(keys.contains(&"worker.offline".to_string()), "{keys:?}");
+    let heartbeat: serde_json::Value = broker
+        .seen
+        .iter()
+        .find(|(k, _)| k == "worker.heartbeat")
+        .map(|(_, b)| serde_json::from_slice(b).unwrap())
+        .expect("a heartbeat");
+    assert_eq!(heartbeat["worker"]["site"], "TEST");
+    assert!(heartbeat["jobs_in_flight"].is_u64());
+}
