@@ -141,6 +141,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         return Ok(());
     };
     metrics.set_engine_up(true);
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        // Pings prove the runtime still schedules tasks; a wedged worker is restarted by systemd.
+        let stop = shutdown.immediate.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => crate::systemd::notify("WATCHDOG=1"),
+                }
+            }
+        });
+    }
     tokio::spawn(watch_engine(
         docker.clone(),
         metrics.clone(),
@@ -310,6 +323,7 @@ impl Daemon {
             .await?;
         self.ctx.metrics.set_broker_up(true);
         tracing::info!("connected to the broker; consuming");
+        crate::systemd::notify("READY=1\nSTATUS=consuming jobs");
         let mut heartbeat = tokio::time::interval(Duration::from_secs(
             config.worker.heartbeat_interval_s.max(1),
         ));
@@ -345,6 +359,7 @@ impl Daemon {
             }
         };
         if result.is_ok() {
+            crate::systemd::notify("STOPPING=1\nSTATUS=finishing running jobs");
             // Stop taking jobs; deliveries prefetched but not started go back when the channel closes.
             for tag in tags {
                 let _ = channel

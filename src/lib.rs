@@ -18,3 +18,4 @@ pub mod reference;
 pub mod report;
 pub mod secrets;
 pub mod submit;
+pub mod systemd;

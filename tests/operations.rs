@@ -62,3 +62,57 @@ async fn health_readiness_and_metrics() {
     assert_eq!(heartbeat["worker"]["site"], "TEST");
     assert!(heartbeat["jobs_in_flight"].is_u64());
 }
+
+#[test]
+fn systemd_unit_verifies() {
+    // systemd-analyze checks the unit's syntax and that ExecStart is executable; point it at
+    // the binary this test run built.
+    let unit = std::fs::read_to_string(repo_root().join("systemd/image-worker.service")).unwrap();
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "SupplementaryGroups=docker",
+        "EnvironmentFile=",
+        "ReadWritePaths=",
+    ] {
+        assert!(unit.contains(key), "the unit lacks {key}");
+    }
+    // The stop timeout leaves room for the default grace period (60 s).
+    let stop: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec")
+        .parse()
+        .unwrap();
+    assert!(stop > image_worker::config::WorkerConfig::default().shutdown_grace_s);
+    let dir = std::env::temp_dir().join(unique("iw-unit"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("image-worker.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/image-worker",
+            env!("CARGO_BIN_EXE_image-worker"),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}
