@@ -21,6 +21,8 @@ use super::rules::{is_runtime_path, join, jobfiles_txt, strip_root};
 
 type TarReader = Box<dyn Read + Send>;
 
+const ARCHIVE_BUFFER: usize = 256 * 1024;
+
 pub(crate) async fn scan(docker: &Docker, image: &str, findings: Findings) -> Result<Findings, DiscoveryError> {
     let body = ContainerCreateBody {
         image: Some(image.to_owned()),
@@ -294,7 +296,8 @@ async fn archive<T: Send + 'static>(
         None => None,
     };
     let body = stream::iter(first).chain(body).map_err(io::Error::other);
-    let reader: TarReader = Box::new(SyncIoBridge::new(StreamReader::new(body)));
+    // Few large reads: each read of the bridge is a round trip to the runtime.
+    let reader: TarReader = Box::new(BufReader::with_capacity(ARCHIVE_BUFFER, SyncIoBridge::new(StreamReader::new(body))));
     let task = tokio::task::spawn_blocking(move || f(&mut Archive::new(reader)));
     Ok(Some(task.await.map_err(io::Error::other)??))
 }

@@ -325,3 +325,201 @@ fn open_no_follow(path: &Path) -> io::Result<File> {
     OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)
 }
 
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::discovery::rules::CompiledRules;
+    use crate::discovery::{Discovery, JobRules, Source};
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const JOB: &str = "def main(runtime):\n    pass\n";
+
+    /// A fresh directory for one synthetic image (removed when dropped).
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new() -> Self {
+            static N: AtomicUsize = AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!("iw-layers-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+            let _ = fs::remove_dir_all(&dir);
+            fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+
+        fn layer(&self, name: &str) -> PathBuf {
+            let dir = self.0.join(name);
+            fs::create_dir_all(&dir).unwrap();
+            dir
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn file(layer: &Path, path: &str, text: &str) {
+        let host = LayerView::host(layer, path);
+        fs::create_dir_all(host.parent().unwrap()).unwrap();
+        fs::write(host, text).unwrap();
+    }
+
+    fn dir(layer: &Path, path: &str) -> PathBuf {
+        let host = LayerView::host(layer, path);
+        fs::create_dir_all(&host).unwrap();
+        host
+    }
+
+    fn symlink(layer: &Path, path: &str, target: &str) {
+        let host = LayerView::host(layer, path);
+        fs::create_dir_all(host.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(target, host).unwrap();
+    }
+
+    fn c(path: &Path) -> CString {
+        CString::new(path.as_os_str().as_bytes()).unwrap()
+    }
+
+    /// overlay2's whiteout: a 0/0 character device (needs root, as the worker has).
+    fn char_whiteout(layer: &Path, path: &str) {
+        let host = LayerView::host(layer, path);
+        fs::create_dir_all(host.parent().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path; mknod does not retain it.
+        let rc = unsafe { libc::mknod(c(&host).as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(0, 0)) };
+        assert_eq!(rc, 0, "mknod {}: {}", host.display(), io::Error::last_os_error());
+    }
+
+    /// overlay2's opaque directory: `trusted.overlay.opaque=y`.
+    fn xattr_opaque(layer: &Path, path: &str) {
+        let host = dir(layer, path);
+        let name = CString::new("trusted.overlay.opaque").unwrap();
+        // SAFETY: valid NUL-terminated strings and a 1-byte value buffer.
+        let rc = unsafe { libc::lsetxattr(c(&host).as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
+        assert_eq!(rc, 0, "setxattr {}: {}", host.display(), io::Error::last_os_error());
+    }
+
+    fn discover(layers: Vec<PathBuf>) -> Discovery {
+        let rules = CompiledRules::new(&JobRules::default(), "/pyats").unwrap();
+        let mut findings = Findings::new(rules, 1 << 20);
+        LayerView::new(layers).scan(&mut findings).unwrap();
+        findings.finish(Source::Layers)
+    }
+
+    /// The same lower layer for both whiteout encodings.
+    fn lower(scratch: &Scratch) -> PathBuf {
+        let lower = scratch.layer("lower");
+        file(&lower, "/pyats/a/gone_job.py", JOB);
+        file(&lower, "/pyats/a/stay_job.py", JOB);
+        file(&lower, "/pyats/opq/old_job.py", JOB);
+        file(&lower, "/pyats/wiped/inside_job.py", JOB);
+        file(&lower, "/pyats/dir_to_file/x_job.py", JOB);
+        file(&lower, "/pyats/replaced_job.py", JOB);
+        lower
+    }
+
+    const EXPECTED_JOBS: &[&str] = &["/pyats/a/stay_job.py", "/pyats/opq/new_job.py"];
+
+    #[test]
+    fn kernel_overlay_whiteouts_and_opaque_xattrs() {
+        let scratch = Scratch::new();
+        let lower = lower(&scratch);
+        let upper = scratch.layer("upper");
+        char_whiteout(&upper, "/pyats/a/gone_job.py");
+        xattr_opaque(&upper, "/pyats/opq");
+        file(&upper, "/pyats/opq/new_job.py", JOB);
+        char_whiteout(&upper, "/pyats/wiped");
+        file(&upper, "/pyats/dir_to_file", "now a file\n");
+        file(&upper, "/pyats/replaced_job.py", "def mainly():\n");
+        let found = discover(vec![upper.clone(), lower.clone()]);
+        assert_eq!(found.jobs, EXPECTED_JOBS);
+        let view = LayerView::new(vec![upper, lower]);
+        assert_eq!(view.lookup("/pyats/a/gone_job.py").unwrap().0, Node::Missing);
+        assert_eq!(view.lookup("/pyats/opq/old_job.py").unwrap().0, Node::Missing);
+        assert_eq!(view.lookup("/pyats/wiped").unwrap().0, Node::Missing);
+        assert!(matches!(view.lookup("/pyats/a/stay_job.py").unwrap().0, Node::File { .. }));
+    }
+
+    #[test]
+    fn aufs_style_whiteouts_and_opaque_markers() {
+        let scratch = Scratch::new();
+        let lower = lower(&scratch);
+        let upper = scratch.layer("upper");
+        file(&upper, "/pyats/a/.wh.gone_job.py", "");
+        file(&upper, "/pyats/opq/.wh..wh..opq", "");
+        file(&upper, "/pyats/opq/new_job.py", JOB);
+        file(&upper, "/pyats/.wh.wiped", "");
+        file(&upper, "/pyats/dir_to_file", "now a file\n");
+        file(&upper, "/pyats/replaced_job.py", "def mainly():\n");
+        dir(&upper, "/pyats/.wh..wh.plnk");
+        let found = discover(vec![upper.clone(), lower.clone()]);
+        assert_eq!(found.jobs, EXPECTED_JOBS);
+        let view = LayerView::new(vec![upper, lower]);
+        assert_eq!(view.lookup("/pyats/a/gone_job.py").unwrap().0, Node::Missing);
+        assert_eq!(view.lookup("/pyats/opq/old_job.py").unwrap().0, Node::Missing);
+        assert_eq!(view.lookup("/pyats/wiped/inside_job.py").unwrap().0, Node::Missing);
+    }
+
+    #[test]
+    fn a_recreated_path_shows_only_what_came_after_its_whiteout() {
+        let scratch = Scratch::new();
+        let bottom = scratch.layer("0");
+        file(&bottom, "/pyats/d/first_job.py", JOB);
+        let middle = scratch.layer("1");
+        file(&middle, "/pyats/.wh.d", "");
+        let top = scratch.layer("2");
+        file(&top, "/pyats/d/again_job.py", JOB);
+        assert_eq!(discover(vec![top, middle, bottom]).jobs, ["/pyats/d/again_job.py"]);
+    }
+
+    #[test]
+    fn whiting_out_the_root_hides_lower_layers() {
+        let scratch = Scratch::new();
+        let bottom = scratch.layer("0");
+        file(&bottom, "/pyats/old_job.py", JOB);
+        let top = scratch.layer("1");
+        file(&top, "/.wh.pyats", "");
+        let found = discover(vec![top, bottom]);
+        assert!(found.jobs.is_empty());
+        assert_eq!(found.warnings, ["/pyats: workspace root not found in the image"]);
+    }
+
+    #[test]
+    fn symlinks_resolve_in_the_image_not_on_the_host() {
+        let scratch = Scratch::new();
+        let lower = scratch.layer("lower");
+        file(&lower, "/etc/passwd", "image passwd\n");
+        file(&lower, "/opt/real.tem", "version: 1\ntype: easypy\nname: via-image\n");
+        let upper = scratch.layer("upper");
+        for name in ["host", "climb", "ok"] {
+            file(&upper, &format!("/pyats/{name}_job.py"), JOB);
+        }
+        symlink(&upper, "/pyats/host_job.tem", "/etc/shadow");
+        symlink(&upper, "/pyats/climb_job.tem", "../../../../etc/shadow");
+        symlink(&upper, "/pyats/ok_job.tem", "../opt/real.tem");
+        symlink(&upper, "/pyats/hostdir", "/etc");
+        symlink(&upper, "/pyats/hosted_job.py", "/etc/passwd");
+        let found = discover(vec![upper, lower]);
+        assert_eq!(found.jobs, ["/pyats/climb_job.py", "/pyats/host_job.py", "/pyats/ok_job.py"]);
+        assert_eq!(found.manifests.len(), 1);
+        assert_eq!(found.manifests[0].name, "via-image");
+        assert_eq!(
+            found.warnings,
+            [
+                "/pyats/climb_job.tem: symlink to ../../../../etc/shadow: not found in the image",
+                "/pyats/host_job.tem: symlink to /etc/shadow: not found in the image",
+            ]
+        );
+    }
+
+    #[test]
+    fn unreadable_or_foreign_storage_is_refused() {
+        let data: HashMap<String, String> = [("UpperDir".to_string(), "/nonexistent/diff".to_string())].into();
+        assert!(LayerView::from_driver("overlay2", &data).unwrap_err().contains("/nonexistent/diff"));
+        assert!(LayerView::from_driver("vfs", &data).unwrap_err().contains("vfs"));
+        assert!(LayerView::from_driver("overlay2", &HashMap::new()).unwrap_err().contains("UpperDir"));
+    }
+}
