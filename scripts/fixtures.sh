@@ -4,8 +4,8 @@
 # registry already holds this exact content):
 #   basic, builder, workspace, layered      always
 #   large                                    only with --large (≈60k files, for benchmarks)
-# Idempotent and fast when nothing changed: a fixture's hash covers this script, the generator
-# (scripts/fixtures/generate.py) and /bin/busybox; when both registries hold that hash and the
+# Idempotent and fast when nothing changed: a fixture's hash covers what decides its content, the
+# generator (scripts/fixtures/generate.py, which also writes the Dockerfile) and /bin/busybox; when both registries hold that hash and the
 # local image carries it as a label, the fixture is skipped. Needs scripts/services.sh up.
 set -euo pipefail
 
@@ -28,7 +28,7 @@ for arg in "$@"; do
   esac
 done
 
-inputs_hash=$(cat "$HERE/fixtures.sh" "$HERE/fixtures/generate.py" /bin/busybox | sha256sum | cut -c1-16)
+inputs_hash=$(cat "$HERE/fixtures/generate.py" /bin/busybox | sha256sum | cut -c1-16)
 
 # registry_has REGISTRY NAME TAG: does the registry serve that manifest? The password goes to curl
 # on stdin, never on a command line.
@@ -43,12 +43,17 @@ registry_has() {
   fi
 }
 
+quiet() { # quiet COMMAND...: its output only when it fails
+  local out
+  if ! out=$("$@" 2>&1); then printf '%s\n' "$out" >&2; return 1; fi
+}
+
 local_hash() { docker image inspect -f "{{index .Config.Labels \"$LABEL\"}}" "$1" 2>/dev/null || true; }
 
 logged_in=0
 login() {
   [ "$logged_in" = 1 ] && return 0
-  printf '%s' "$REG_PASS" | docker login "$AUTH" -u "$REG_USER" --password-stdin >/dev/null
+  printf '%s' "$REG_PASS" | quiet docker login "$AUTH" -u "$REG_USER" --password-stdin
   logged_in=1
 }
 
@@ -69,7 +74,7 @@ build_one() { # build_one NAME HASH
   if [ "$name" = layered ]; then
     docker load -q -i "$ctx/image.tar" >/dev/null
   else
-    DOCKER_BUILDKIT=0 docker build -q --label "$LABEL=$hash" -t "$OPEN/fixtures/$name:latest" "$ctx" >/dev/null
+    DOCKER_BUILDKIT=0 quiet docker build -q --label "$LABEL=$hash" -t "$OPEN/fixtures/$name:latest" "$ctx"
   fi
 }
 
