@@ -24,8 +24,17 @@ async fn health_readiness_and_metrics() {
     broker.publish_raw("general", b"not json", "x").await;
     assert!(broker.get_dead(Duration::from_secs(30)).await.is_some());
 
-    let (code, metrics) = worker.http_get("/metrics");
-    assert_eq!(code, 200);
+    // The dead letter is visible in its queue a moment before the worker has counted it.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        let (code, body) = worker.http_get("/metrics");
+        assert_eq!(code, 200);
+        metrics = body;
+        if metrics.contains("image_worker_dead_lettered_total 1\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(
         metrics.contains("image_worker_jobs_total{type=\"pull\",status=\"successful\"} 1\n"),
         "{metrics}"

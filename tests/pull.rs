@@ -127,7 +127,7 @@ async fn pull_job_over_amqp_reports_the_seed_record() {
     assert_eq!(report["data"]["default_credential"], true);
 
     // Events: running phases, then the final event on job.pull.successful.
-    broker.drain_events(Duration::from_millis(500)).await;
+    broker.drain_events(Duration::from_millis(1500)).await;
     let keys = broker.seen_keys();
     assert!(keys.contains(&"job.pull.running".to_string()), "{keys:?}");
     assert!(

@@ -9,7 +9,9 @@ use std::io::{self, BufReader, Read};
 use bollard::Docker;
 use bollard::errors::Error as EngineError;
 use bollard::models::ContainerCreateBody;
-use bollard::query_parameters::{CreateContainerOptions, DownloadFromContainerOptions, RemoveContainerOptions};
+use bollard::query_parameters::{
+    CreateContainerOptions, DownloadFromContainerOptions, RemoveContainerOptions,
+};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use tar::{Archive, EntryType};
 use tokio_util::io::{StreamReader, SyncIoBridge};
@@ -17,21 +19,31 @@ use tokio_util::io::{StreamReader, SyncIoBridge};
 use super::DiscoveryError;
 use super::findings::{Findings, Interest};
 use super::resolve::{Node, Resolution, ResolveError};
-use super::rules::{is_runtime_path, join, jobfiles_txt, strip_root};
+use super::rules::{is_runtime_path, jobfiles_txt, join, strip_root};
 
 type TarReader = Box<dyn Read + Send>;
 
 const ARCHIVE_BUFFER: usize = 256 * 1024;
 
-pub(crate) async fn scan(docker: &Docker, image: &str, findings: Findings) -> Result<Findings, DiscoveryError> {
+pub(crate) async fn scan(
+    docker: &Docker,
+    image: &str,
+    findings: Findings,
+) -> Result<Findings, DiscoveryError> {
     let body = ContainerCreateBody {
         image: Some(image.to_owned()),
         cmd: Some(vec!["/nonexistent".into()]),
         network_disabled: Some(true),
         ..Default::default()
     };
-    let created = docker.create_container(None::<CreateContainerOptions>, body).await?;
-    let container = Container { docker: docker.clone(), id: created.id, removed: false };
+    let created = docker
+        .create_container(None::<CreateContainerOptions>, body)
+        .await?;
+    let container = Container {
+        docker: docker.clone(),
+        id: created.id,
+        removed: false,
+    };
     let result = scan_container(&container, findings).await;
     container.remove().await;
     result
@@ -48,12 +60,20 @@ struct Container {
 impl Container {
     fn remove_options() -> Option<RemoveContainerOptions> {
         // `v`: an image VOLUME gets an anonymous volume at create time; it goes too.
-        Some(RemoveContainerOptions { force: true, v: true, ..Default::default() })
+        Some(RemoveContainerOptions {
+            force: true,
+            v: true,
+            ..Default::default()
+        })
     }
 
     async fn remove(mut self) {
         self.removed = true;
-        if let Err(error) = self.docker.remove_container(&self.id, Self::remove_options()).await {
+        if let Err(error) = self
+            .docker
+            .remove_container(&self.id, Self::remove_options())
+            .await
+        {
             tracing::warn!(message = "Failed to remove the discovery container.", container = %self.id, %error);
         }
     }
@@ -67,15 +87,24 @@ impl Drop for Container {
         let (docker, id) = (self.docker.clone(), self.id.clone());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = docker.remove_container(&id, Container::remove_options()).await;
+                let _ = docker
+                    .remove_container(&id, Container::remove_options())
+                    .await;
             });
         }
     }
 }
 
-async fn scan_container(container: &Container, mut findings: Findings) -> Result<Findings, DiscoveryError> {
+async fn scan_container(
+    container: &Container,
+    mut findings: Findings,
+) -> Result<Findings, DiscoveryError> {
     let root = findings.rules.root().to_owned();
-    let mut tree = RemoteTree { container, index: HashMap::new(), walk_root: None };
+    let mut tree = RemoteTree {
+        container,
+        index: HashMap::new(),
+        walk_root: None,
+    };
     let Some(walk_root) = tree.resolve_dir(&root).await? else {
         findings.warn(&root, "workspace root not found in the image");
         return Ok(findings);
@@ -97,7 +126,9 @@ async fn scan_container(container: &Container, mut findings: Findings) -> Result
         move |archive: &mut Archive<TarReader>| stream_root(archive, &root, &walk_root, findings)
     };
     let Some((mut findings, index, deferred)) = archive(container, &walk_root, walk).await? else {
-        return Err(DiscoveryError::Io(io::Error::other(format!("{walk_root} vanished from the container"))));
+        return Err(DiscoveryError::Io(io::Error::other(format!(
+            "{walk_root} vanished from the container"
+        ))));
     };
     tree.index = index;
     tree.walk_root = Some(walk_root);
@@ -111,8 +142,12 @@ async fn scan_container(container: &Container, mut findings: Findings) -> Result
             Ok(found) => found,
             Err(e) => {
                 match &item.kind {
-                    Deferred::Symlink { target } => findings.warn(&item.reported, format_args!("symlink to {target}: {e}")),
-                    Deferred::Hardlink { target } => findings.warn(&item.reported, format_args!("hard link to {target}: {e}")),
+                    Deferred::Symlink { target } => {
+                        findings.warn(&item.reported, format_args!("symlink to {target}: {e}"))
+                    }
+                    Deferred::Hardlink { target } => {
+                        findings.warn(&item.reported, format_args!("hard link to {target}: {e}"))
+                    }
                 }
                 continue;
             }
@@ -127,7 +162,9 @@ async fn scan_container(container: &Container, mut findings: Findings) -> Result
             }
             Ok(findings)
         });
-        findings = judged.await?.ok_or_else(|| io::Error::other(format!("{path} vanished from the container")))?;
+        findings = judged
+            .await?
+            .ok_or_else(|| io::Error::other(format!("{path} vanished from the container")))?;
     }
     Ok(findings)
 }
@@ -152,25 +189,42 @@ fn stream_root(
     mut findings: Findings,
 ) -> io::Result<(Findings, HashMap<String, Node>, Vec<DeferredFile>)> {
     let parent = walk_root.rsplit_once('/').map_or("", |(p, _)| p);
-    let real_of = |name: &[u8]| join(parent, String::from_utf8_lossy(name).trim_start_matches("./").trim_end_matches('/'));
+    let real_of = |name: &[u8]| {
+        join(
+            parent,
+            String::from_utf8_lossy(name)
+                .trim_start_matches("./")
+                .trim_end_matches('/'),
+        )
+    };
     let mut index = HashMap::new();
     let mut deferred = Vec::new();
     for entry in archive.entries()? {
         let mut entry = entry?;
         let real = real_of(&entry.path_bytes());
-        let Some(rel) = strip_root(&real, walk_root) else { continue };
+        let Some(rel) = strip_root(&real, walk_root) else {
+            continue;
+        };
         let reported = join(root, rel);
         let kind = entry.header().entry_type();
         let node = match kind {
             EntryType::Directory => Node::Dir,
-            EntryType::Regular | EntryType::Continuous | EntryType::Link => Node::File { size: entry.size() },
+            EntryType::Regular | EntryType::Continuous | EntryType::Link => {
+                Node::File { size: entry.size() }
+            }
             EntryType::Symlink => Node::Symlink {
-                target: entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default(),
+                target: entry
+                    .link_name_bytes()
+                    .map(|t| String::from_utf8_lossy(&t).into_owned())
+                    .unwrap_or_default(),
             },
             _ => Node::Other,
         };
         index.insert(real.clone(), node.clone());
-        if node == Node::Dir || findings.rules.in_skipped_dir(&reported) || is_runtime_path(&reported) {
+        if node == Node::Dir
+            || findings.rules.in_skipped_dir(&reported)
+            || is_runtime_path(&reported)
+        {
             continue;
         }
         findings.count_file(&reported);
@@ -181,9 +235,17 @@ fn stream_root(
         match (kind, node) {
             (EntryType::Link, _) => {
                 let target = real_of(&entry.link_name_bytes().unwrap_or_default());
-                deferred.push(DeferredFile { reported, real, kind: Deferred::Hardlink { target } });
+                deferred.push(DeferredFile {
+                    reported,
+                    real,
+                    kind: Deferred::Hardlink { target },
+                });
             }
-            (_, Node::Symlink { target }) => deferred.push(DeferredFile { reported, real, kind: Deferred::Symlink { target } }),
+            (_, Node::Symlink { target }) => deferred.push(DeferredFile {
+                reported,
+                real,
+                kind: Deferred::Symlink { target },
+            }),
             (_, Node::File { size }) => match interest {
                 Interest::Job => findings.job_file(&reported, &mut BufReader::new(&mut entry)),
                 Interest::Manifest => findings.manifest(&reported, size, &mut entry),
@@ -215,12 +277,17 @@ impl RemoteTree<'_> {
         }
         let node = archive(self.container, path, |archive: &mut Archive<TarReader>| {
             let mut entries = archive.entries()?;
-            let Some(entry) = entries.next().transpose()? else { return Ok(Node::Missing) };
+            let Some(entry) = entries.next().transpose()? else {
+                return Ok(Node::Missing);
+            };
             Ok(match entry.header().entry_type() {
                 EntryType::Directory => Node::Dir,
                 EntryType::Regular | EntryType::Continuous => Node::File { size: entry.size() },
                 EntryType::Symlink => Node::Symlink {
-                    target: entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default(),
+                    target: entry
+                        .link_name_bytes()
+                        .map(|t| String::from_utf8_lossy(&t).into_owned())
+                        .unwrap_or_default(),
                 },
                 _ => Node::Other,
             })
@@ -231,7 +298,10 @@ impl RemoteTree<'_> {
         Ok(node)
     }
 
-    async fn resolve(&mut self, path: &str) -> Result<Result<(String, u64), ResolveError>, DiscoveryError> {
+    async fn resolve(
+        &mut self,
+        path: &str,
+    ) -> Result<Result<(String, u64), ResolveError>, DiscoveryError> {
         let mut r = Resolution::new(path);
         loop {
             match r.next() {
@@ -269,13 +339,19 @@ impl RemoteTree<'_> {
         path: &str,
         f: impl FnOnce(&mut tar::Entry<'_, TarReader>) -> io::Result<T> + Send + 'static,
     ) -> Result<Option<T>, DiscoveryError> {
-        let found = archive(self.container, path, move |archive: &mut Archive<TarReader>| {
-            let mut entries = archive.entries()?;
-            match entries.next().transpose()? {
-                Some(mut entry) if entry.header().entry_type().is_file() => f(&mut entry).map(Some),
-                _ => Ok(None),
-            }
-        });
+        let found = archive(
+            self.container,
+            path,
+            move |archive: &mut Archive<TarReader>| {
+                let mut entries = archive.entries()?;
+                match entries.next().transpose()? {
+                    Some(mut entry) if entry.header().entry_type().is_file() => {
+                        f(&mut entry).map(Some)
+                    }
+                    _ => Ok(None),
+                }
+            },
+        );
         Ok(found.await?.flatten())
     }
 }
@@ -287,17 +363,26 @@ async fn archive<T: Send + 'static>(
     path: &str,
     f: impl FnOnce(&mut Archive<TarReader>) -> io::Result<T> + Send + 'static,
 ) -> Result<Option<T>, DiscoveryError> {
-    let options = DownloadFromContainerOptions { path: path.to_owned() };
-    let mut body = container.docker.download_from_container(&container.id, Some(options));
+    let options = DownloadFromContainerOptions {
+        path: path.to_owned(),
+    };
+    let mut body = container
+        .docker
+        .download_from_container(&container.id, Some(options));
     let first = match body.next().await {
-        Some(Err(EngineError::DockerResponseServerError { status_code: 404, .. })) => return Ok(None),
+        Some(Err(EngineError::DockerResponseServerError {
+            status_code: 404, ..
+        })) => return Ok(None),
         Some(Err(e)) => return Err(e.into()),
         Some(Ok(bytes)) => Some(Ok(bytes)),
         None => None,
     };
     let body = stream::iter(first).chain(body).map_err(io::Error::other);
     // Few large reads: each read of the bridge is a round trip to the runtime.
-    let reader: TarReader = Box::new(BufReader::with_capacity(ARCHIVE_BUFFER, SyncIoBridge::new(StreamReader::new(body))));
+    let reader: TarReader = Box::new(BufReader::with_capacity(
+        ARCHIVE_BUFFER,
+        SyncIoBridge::new(StreamReader::new(body)),
+    ));
     let task = tokio::task::spawn_blocking(move || f(&mut Archive::new(reader)));
     Ok(Some(task.await.map_err(io::Error::other)??))
 }

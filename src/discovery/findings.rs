@@ -73,7 +73,10 @@ impl Findings {
         if let Err(e) = reader.take(self.max_manifest_bytes).read_to_end(&mut bytes) {
             return self.warn(&file, format_args!("unreadable: {e}"));
         }
-        for warning in self.rules.add_jobfiles_txt(&file, &String::from_utf8_lossy(&bytes)) {
+        for warning in self
+            .rules
+            .add_jobfiles_txt(&file, &String::from_utf8_lossy(&bytes))
+        {
             self.warnings.insert(warning);
         }
     }
@@ -84,7 +87,10 @@ impl Findings {
             Ok(true) => {
                 self.jobs.insert(path.to_owned());
             }
-            Ok(false) if self.rules.is_listed(path) => self.warn(path, "listed as a job file but has no top-level `def main(`"),
+            Ok(false) if self.rules.is_listed(path) => self.warn(
+                path,
+                "listed as a job file but has no top-level `def main(`",
+            ),
             Ok(false) => {}
             Err(e) => self.warn(path, format_args!("unreadable: {e}")),
         }
@@ -110,9 +116,17 @@ impl Findings {
 
     pub(crate) fn finish(mut self, source: Source) -> Discovery {
         let root = self.rules.root().to_owned();
-        let missing: Vec<String> = self.rules.listed().filter(|p| !self.listed_seen.contains(*p)).cloned().collect();
+        let missing: Vec<String> = self
+            .rules
+            .listed()
+            .filter(|p| !self.listed_seen.contains(*p))
+            .cloned()
+            .collect();
         for path in missing {
-            self.warn(&path, "listed as a job file but not found (outside skipped directories)");
+            self.warn(
+                &path,
+                "listed as a job file but not found (outside skipped directories)",
+            );
         }
         self.manifests.sort_by(|a, b| a.file.cmp(&b.file));
         Discovery {

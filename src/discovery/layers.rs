@@ -16,12 +16,16 @@ use walkdir::WalkDir;
 
 use super::findings::{Findings, Interest};
 use super::resolve::{Node, resolve_file};
-use super::rules::{is_runtime_path, join, jobfiles_txt};
+use super::rules::{is_runtime_path, jobfiles_txt, join};
 
 const DRIVERS: &[&str] = &["overlay2", "fuse-overlayfs"];
 const WHITEOUT_PREFIX: &str = ".wh.";
 const OPAQUE_MARKER: &str = ".wh..wh..opq";
-const OPAQUE_XATTRS: &[&str] = &["trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque"];
+const OPAQUE_XATTRS: &[&str] = &[
+    "trusted.overlay.opaque",
+    "user.overlay.opaque",
+    "user.fuseoverlayfs.opaque",
+];
 
 /// The layer directories of one image, top first.
 #[derive(Debug, Clone)]
@@ -36,13 +40,26 @@ impl LayerView {
         if !DRIVERS.contains(&name) {
             return Err(format!("storage driver {name:?} is not one of {DRIVERS:?}"));
         }
-        let upper = data.get("UpperDir").filter(|d| !d.is_empty()).ok_or("the engine reports no UpperDir")?;
+        let upper = data
+            .get("UpperDir")
+            .filter(|d| !d.is_empty())
+            .ok_or("the engine reports no UpperDir")?;
         let mut layers = vec![PathBuf::from(upper)];
         if let Some(lower) = data.get("LowerDir") {
-            layers.extend(lower.split(':').filter(|d| !d.is_empty()).map(PathBuf::from));
+            layers.extend(
+                lower
+                    .split(':')
+                    .filter(|d| !d.is_empty())
+                    .map(PathBuf::from),
+            );
         }
         for dir in &layers {
-            fs::read_dir(dir).map_err(|e| format!("layer directory {} is not readable here: {e}", dir.display()))?;
+            fs::read_dir(dir).map_err(|e| {
+                format!(
+                    "layer directory {} is not readable here: {e}",
+                    dir.display()
+                )
+            })?;
         }
         Ok(Self { layers })
     }
@@ -120,7 +137,10 @@ impl LayerView {
                 Ok(found) => found,
                 Err(reason) => {
                     let target = fs::read_link(&entry.host)?;
-                    findings.warn(path, format_args!("symlink to {}: {reason}", target.to_string_lossy()));
+                    findings.warn(
+                        path,
+                        format_args!("symlink to {}: {reason}", target.to_string_lossy()),
+                    );
                     return Ok(());
                 }
             }
@@ -138,7 +158,12 @@ impl LayerView {
 
     /// The visible non-directory entries under `walk_root` (reported under `root`), skipped trees
     /// pruned, whiteouts applied.
-    fn merged_files(&self, walk_root: &str, root: &str, findings: &Findings) -> io::Result<Vec<Visible>> {
+    fn merged_files(
+        &self,
+        walk_root: &str,
+        root: &str,
+        findings: &Findings,
+    ) -> io::Result<Vec<Visible>> {
         let mut seen: HashMap<String, bool> = HashMap::new(); // path → is a directory
         let mut hidden: HashSet<String> = HashSet::new(); // whited out, with all below
         let mut opaque: HashSet<String> = HashSet::new(); // everything below hidden
@@ -150,7 +175,10 @@ impl LayerView {
                 Err(e) if is_absent(&e) => None,
                 Err(e) => return Err(e),
             };
-            let stop_below = hides_lower(layer, walk_root)? || root_meta.as_ref().is_some_and(|m| !m.is_dir() || is_opaque(&layer_root, m));
+            let stop_below = hides_lower(layer, walk_root)?
+                || root_meta
+                    .as_ref()
+                    .is_some_and(|m| !m.is_dir() || is_opaque(&layer_root, m));
             if root_meta.as_ref().is_some_and(Metadata::is_dir) {
                 let (mut new_hidden, mut new_opaque) = (Vec::new(), Vec::new());
                 let hidden_above = |path: &str, is_dir: bool| -> bool {
@@ -168,16 +196,23 @@ impl LayerView {
                         if dir.len() < root.len() {
                             break;
                         }
-                        if opaque.contains(dir) || hidden.contains(dir) || seen.get(dir) == Some(&false) {
+                        if opaque.contains(dir)
+                            || hidden.contains(dir)
+                            || seen.get(dir) == Some(&false)
+                        {
                             return true;
                         }
                     }
                     false
                 };
-                let walker = WalkDir::new(&layer_root).follow_links(false).follow_root_links(false).min_depth(1);
+                let walker = WalkDir::new(&layer_root)
+                    .follow_links(false)
+                    .follow_root_links(false)
+                    .min_depth(1);
                 let mut entries = walker.into_iter().filter_entry(|e| {
                     let path = reported(root, &layer_root, e.path());
-                    !(e.file_type().is_dir() && (findings.rules.is_skipped_dir(&path) || hidden_above(&path, true)))
+                    !(e.file_type().is_dir()
+                        && (findings.rules.is_skipped_dir(&path) || hidden_above(&path, true)))
                 });
                 let mut layer_seen = Vec::new();
                 while let Some(entry) = entries.next().transpose()? {
@@ -208,7 +243,11 @@ impl LayerView {
                         layer_seen.push((path.clone(), is_dir));
                     }
                     if !is_dir && !is_runtime_path(&path) {
-                        visible.push(Visible { path, host: entry.path().to_owned(), meta });
+                        visible.push(Visible {
+                            path,
+                            host: entry.path().to_owned(),
+                            meta,
+                        });
                     }
                 }
                 seen.extend(layer_seen);
@@ -285,7 +324,9 @@ fn node_of(host: &Path, meta: &Metadata) -> io::Result<Node> {
     } else if ft.is_file() {
         Node::File { size: meta.len() }
     } else if ft.is_symlink() {
-        Node::Symlink { target: fs::read_link(host)?.to_string_lossy().into_owned() }
+        Node::Symlink {
+            target: fs::read_link(host)?.to_string_lossy().into_owned(),
+        }
     } else {
         Node::Other
     })
@@ -296,16 +337,30 @@ fn is_whiteout_device(meta: &Metadata) -> bool {
 }
 
 fn is_opaque(dir: &Path, meta: &Metadata) -> bool {
-    meta.is_dir() && (dir.join(OPAQUE_MARKER).symlink_metadata().is_ok() || OPAQUE_XATTRS.iter().any(|name| xattr_is_y(dir, name)))
+    meta.is_dir()
+        && (dir.join(OPAQUE_MARKER).symlink_metadata().is_ok()
+            || OPAQUE_XATTRS.iter().any(|name| xattr_is_y(dir, name)))
 }
 
 fn xattr_is_y(path: &Path, name: &str) -> bool {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
-    let (Ok(path), Ok(name)) = (CString::new(path.as_os_str().as_bytes()), CString::new(name)) else { return false };
+    let (Ok(path), Ok(name)) = (
+        CString::new(path.as_os_str().as_bytes()),
+        CString::new(name),
+    ) else {
+        return false;
+    };
     let mut value = [0u8; 2];
     // SAFETY: both strings are NUL-terminated and live for the call; the buffer length is exact.
-    let n = unsafe { libc::lgetxattr(path.as_ptr(), name.as_ptr(), value.as_mut_ptr().cast(), value.len()) };
+    let n = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            value.as_mut_ptr().cast(),
+            value.len(),
+        )
+    };
     n == 1 && value[0] == b'y'
 }
 
@@ -318,13 +373,18 @@ fn exists(path: &Path) -> io::Result<bool> {
 }
 
 fn is_absent(e: &io::Error) -> bool {
-    matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory)
+    matches!(
+        e.kind(),
+        io::ErrorKind::NotFound | io::ErrorKind::NotADirectory
+    )
 }
 
 fn open_no_follow(path: &Path) -> io::Result<File> {
-    OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK).open(path)
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -343,7 +403,11 @@ mod tests {
     impl Scratch {
         fn new() -> Self {
             static N: AtomicUsize = AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!("iw-layers-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst)));
+            let dir = std::env::temp_dir().join(format!(
+                "iw-layers-{}-{}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::SeqCst)
+            ));
             let _ = fs::remove_dir_all(&dir);
             fs::create_dir_all(&dir).unwrap();
             Self(dir)
@@ -389,8 +453,20 @@ mod tests {
         let host = LayerView::host(layer, path);
         fs::create_dir_all(host.parent().unwrap()).unwrap();
         // SAFETY: a valid NUL-terminated path; mknod does not retain it.
-        let rc = unsafe { libc::mknod(c(&host).as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(0, 0)) };
-        assert_eq!(rc, 0, "mknod {}: {}", host.display(), io::Error::last_os_error());
+        let rc = unsafe {
+            libc::mknod(
+                c(&host).as_ptr(),
+                libc::S_IFCHR | 0o600,
+                libc::makedev(0, 0),
+            )
+        };
+        assert_eq!(
+            rc,
+            0,
+            "mknod {}: {}",
+            host.display(),
+            io::Error::last_os_error()
+        );
     }
 
     /// overlay2's opaque directory: `trusted.overlay.opaque=y`.
@@ -398,8 +474,16 @@ mod tests {
         let host = dir(layer, path);
         let name = CString::new("trusted.overlay.opaque").unwrap();
         // SAFETY: valid NUL-terminated strings and a 1-byte value buffer.
-        let rc = unsafe { libc::lsetxattr(c(&host).as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0) };
-        assert_eq!(rc, 0, "setxattr {}: {}", host.display(), io::Error::last_os_error());
+        let rc = unsafe {
+            libc::lsetxattr(c(&host).as_ptr(), name.as_ptr(), b"y".as_ptr().cast(), 1, 0)
+        };
+        assert_eq!(
+            rc,
+            0,
+            "setxattr {}: {}",
+            host.display(),
+            io::Error::last_os_error()
+        );
     }
 
     fn discover(layers: Vec<PathBuf>) -> Discovery {
@@ -437,10 +521,19 @@ mod tests {
         let found = discover(vec![upper.clone(), lower.clone()]);
         assert_eq!(found.jobs, EXPECTED_JOBS);
         let view = LayerView::new(vec![upper, lower]);
-        assert_eq!(view.lookup("/pyats/a/gone_job.py").unwrap().0, Node::Missing);
-        assert_eq!(view.lookup("/pyats/opq/old_job.py").unwrap().0, Node::Missing);
+        assert_eq!(
+            view.lookup("/pyats/a/gone_job.py").unwrap().0,
+            Node::Missing
+        );
+        assert_eq!(
+            view.lookup("/pyats/opq/old_job.py").unwrap().0,
+            Node::Missing
+        );
         assert_eq!(view.lookup("/pyats/wiped").unwrap().0, Node::Missing);
-        assert!(matches!(view.lookup("/pyats/a/stay_job.py").unwrap().0, Node::File { .. }));
+        assert!(matches!(
+            view.lookup("/pyats/a/stay_job.py").unwrap().0,
+            Node::File { .. }
+        ));
     }
 
     #[test]
@@ -458,9 +551,18 @@ mod tests {
         let found = discover(vec![upper.clone(), lower.clone()]);
         assert_eq!(found.jobs, EXPECTED_JOBS);
         let view = LayerView::new(vec![upper, lower]);
-        assert_eq!(view.lookup("/pyats/a/gone_job.py").unwrap().0, Node::Missing);
-        assert_eq!(view.lookup("/pyats/opq/old_job.py").unwrap().0, Node::Missing);
-        assert_eq!(view.lookup("/pyats/wiped/inside_job.py").unwrap().0, Node::Missing);
+        assert_eq!(
+            view.lookup("/pyats/a/gone_job.py").unwrap().0,
+            Node::Missing
+        );
+        assert_eq!(
+            view.lookup("/pyats/opq/old_job.py").unwrap().0,
+            Node::Missing
+        );
+        assert_eq!(
+            view.lookup("/pyats/wiped/inside_job.py").unwrap().0,
+            Node::Missing
+        );
     }
 
     #[test]
@@ -472,7 +574,10 @@ mod tests {
         file(&middle, "/pyats/.wh.d", "");
         let top = scratch.layer("2");
         file(&top, "/pyats/d/again_job.py", JOB);
-        assert_eq!(discover(vec![top, middle, bottom]).jobs, ["/pyats/d/again_job.py"]);
+        assert_eq!(
+            discover(vec![top, middle, bottom]).jobs,
+            ["/pyats/d/again_job.py"]
+        );
     }
 
     #[test]
@@ -484,7 +589,10 @@ mod tests {
         file(&top, "/.wh.pyats", "");
         let found = discover(vec![top, bottom]);
         assert!(found.jobs.is_empty());
-        assert_eq!(found.warnings, ["/pyats: workspace root not found in the image"]);
+        assert_eq!(
+            found.warnings,
+            ["/pyats: workspace root not found in the image"]
+        );
     }
 
     #[test]
@@ -492,7 +600,11 @@ mod tests {
         let scratch = Scratch::new();
         let lower = scratch.layer("lower");
         file(&lower, "/etc/passwd", "image passwd\n");
-        file(&lower, "/opt/real.tem", "version: 1\ntype: easypy\nname: via-image\n");
+        file(
+            &lower,
+            "/opt/real.tem",
+            "version: 1\ntype: easypy\nname: via-image\n",
+        );
         let upper = scratch.layer("upper");
         for name in ["host", "climb", "ok"] {
             file(&upper, &format!("/pyats/{name}_job.py"), JOB);
@@ -503,7 +615,14 @@ mod tests {
         symlink(&upper, "/pyats/hostdir", "/etc");
         symlink(&upper, "/pyats/hosted_job.py", "/etc/passwd");
         let found = discover(vec![upper, lower]);
-        assert_eq!(found.jobs, ["/pyats/climb_job.py", "/pyats/host_job.py", "/pyats/ok_job.py"]);
+        assert_eq!(
+            found.jobs,
+            [
+                "/pyats/climb_job.py",
+                "/pyats/host_job.py",
+                "/pyats/ok_job.py"
+            ]
+        );
         assert_eq!(found.manifests.len(), 1);
         assert_eq!(found.manifests[0].name, "via-image");
         assert_eq!(
@@ -517,9 +636,22 @@ mod tests {
 
     #[test]
     fn unreadable_or_foreign_storage_is_refused() {
-        let data: HashMap<String, String> = [("UpperDir".to_string(), "/nonexistent/diff".to_string())].into();
-        assert!(LayerView::from_driver("overlay2", &data).unwrap_err().contains("/nonexistent/diff"));
-        assert!(LayerView::from_driver("vfs", &data).unwrap_err().contains("vfs"));
-        assert!(LayerView::from_driver("overlay2", &HashMap::new()).unwrap_err().contains("UpperDir"));
+        let data: HashMap<String, String> =
+            [("UpperDir".to_string(), "/nonexistent/diff".to_string())].into();
+        assert!(
+            LayerView::from_driver("overlay2", &data)
+                .unwrap_err()
+                .contains("/nonexistent/diff")
+        );
+        assert!(
+            LayerView::from_driver("vfs", &data)
+                .unwrap_err()
+                .contains("vfs")
+        );
+        assert!(
+            LayerView::from_driver("overlay2", &HashMap::new())
+                .unwrap_err()
+                .contains("UpperDir")
+        );
     }
 }

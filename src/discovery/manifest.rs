@@ -40,7 +40,9 @@ pub struct Profile {
 /// Parses a manifest's bytes; the error is the reason it is broken, for a warning.
 pub(crate) fn parse_manifest(file: &str, bytes: &[u8]) -> Result<Manifest, String> {
     let doc: Yaml = serde_yaml::from_slice(bytes).map_err(|e| format!("invalid YAML: {e}"))?;
-    let Yaml::Mapping(doc) = doc else { return Err("not a YAML mapping".into()) };
+    let Yaml::Mapping(doc) = doc else {
+        return Err("not a YAML mapping".into());
+    };
     let get = |key: &str| doc.get(key).filter(|v| !v.is_null());
     get("version").ok_or("no `version`")?;
     match get("type") {
@@ -48,12 +50,20 @@ pub(crate) fn parse_manifest(file: &str, bytes: &[u8]) -> Result<Manifest, Strin
         Some(Yaml::String(_)) => {}
         Some(_) => return Err("`type` is not a string".into()),
     }
-    let stem = file.rsplit('/').next().unwrap_or(file).trim_end_matches(".tem");
+    let stem = file
+        .rsplit('/')
+        .next()
+        .unwrap_or(file)
+        .trim_end_matches(".tem");
     let name = optional_string(get("name"), "name")?.unwrap_or_else(|| stem.to_owned());
     let description = optional_string(get("description"), "description")?.unwrap_or_default();
     let tags = match get("tags") {
         None => Vec::new(),
-        Some(Yaml::Sequence(items)) => items.iter().map(scalar_text).collect::<Option<_>>().ok_or("`tags` holds a non-scalar")?,
+        Some(Yaml::Sequence(items)) => items
+            .iter()
+            .map(scalar_text)
+            .collect::<Option<_>>()
+            .ok_or("`tags` holds a non-scalar")?,
         Some(v) => vec![scalar_text(v).ok_or("`tags` is not a list")?],
     };
     let arguments = mapping(get("arguments"), "arguments")?;
@@ -69,7 +79,9 @@ pub(crate) fn parse_manifest(file: &str, bytes: &[u8]) -> Result<Manifest, Strin
         Some(Yaml::Mapping(named)) => {
             for (key, body) in named {
                 let name = scalar_text(key).ok_or("a profile name is not a scalar")?;
-                profiles.push(profile(&name, body, &arguments).map_err(|e| format!("profile {name}: {e}"))?);
+                profiles.push(
+                    profile(&name, body, &arguments).map_err(|e| format!("profile {name}: {e}"))?,
+                );
             }
         }
         Some(_) => return Err("`profiles` is not a mapping".into()),
@@ -86,7 +98,11 @@ pub(crate) fn parse_manifest(file: &str, bytes: &[u8]) -> Result<Manifest, Strin
     })
 }
 
-fn profile(name: &str, body: &Yaml, script_arguments: &Map<String, Value>) -> Result<Profile, String> {
+fn profile(
+    name: &str,
+    body: &Yaml,
+    script_arguments: &Map<String, Value>,
+) -> Result<Profile, String> {
     let body = match body {
         Yaml::Null => &serde_yaml::Mapping::new(),
         Yaml::Mapping(m) => m,
@@ -106,7 +122,9 @@ fn profile(name: &str, body: &Yaml, script_arguments: &Map<String, Value>) -> Re
 fn optional_string(value: Option<&Yaml>, key: &str) -> Result<Option<String>, String> {
     match value {
         None => Ok(None),
-        Some(v) => scalar_text(v).map(Some).ok_or_else(|| format!("`{key}` is not a string")),
+        Some(v) => scalar_text(v)
+            .map(Some)
+            .ok_or_else(|| format!("`{key}` is not a string")),
     }
 }
 
@@ -141,14 +159,27 @@ fn to_json(value: &Yaml) -> Value {
             } else if let Some(u) = n.as_u64() {
                 u.into()
             } else {
-                n.as_f64().and_then(serde_json::Number::from_f64).map(Value::Number).unwrap_or_else(|| Value::String(n.to_string()))
+                n.as_f64()
+                    .and_then(serde_json::Number::from_f64)
+                    .map(Value::Number)
+                    .unwrap_or_else(|| Value::String(n.to_string()))
             }
         }
         Yaml::String(s) => Value::String(s.clone()),
         Yaml::Sequence(items) => Value::Array(items.iter().map(to_json).collect()),
         Yaml::Mapping(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| (scalar_text(k).unwrap_or_else(|| serde_yaml::to_string(k).unwrap_or_default().trim().to_owned()), to_json(v)))
+                .map(|(k, v)| {
+                    (
+                        scalar_text(k).unwrap_or_else(|| {
+                            serde_yaml::to_string(k)
+                                .unwrap_or_default()
+                                .trim()
+                                .to_owned()
+                        }),
+                        to_json(v),
+                    )
+                })
                 .collect(),
         ),
         Yaml::Tagged(t) => to_json(&t.value),
@@ -167,17 +198,26 @@ mod tests {
 
     #[test]
     fn basic_manifest_with_default_profile() {
-        let m = parse_manifest("/pyats/dest/basic/basic_example_job.tem", BASIC.as_bytes()).unwrap();
+        let m =
+            parse_manifest("/pyats/dest/basic/basic_example_job.tem", BASIC.as_bytes()).unwrap();
         assert_eq!(m.job_file, "/pyats/dest/basic/basic_example_job.py");
         assert_eq!(m.name, "basic_example");
         assert_eq!(m.description, "Basic example job");
         assert_eq!(m.tags, ["basic", "example"]);
-        assert_eq!(m.arguments, json!({"testbed-file": "/pyats/testbeds/basic.yaml", "max-failures": 2}));
+        assert_eq!(
+            m.arguments,
+            json!({"testbed-file": "/pyats/testbeds/basic.yaml", "max-failures": 2})
+        );
         assert_eq!(m.runtimes, json!({"system": {"type": "system"}}));
         assert_eq!(
             m.profiles,
             [
-                Profile { name: "DEFAULT".into(), description: "".into(), runtime: None, arguments: m.arguments.clone() },
+                Profile {
+                    name: "DEFAULT".into(),
+                    description: "".into(),
+                    runtime: None,
+                    arguments: m.arguments.clone()
+                },
                 Profile {
                     name: "sanity".into(),
                     description: "Quick sanity run".into(),
@@ -222,13 +262,20 @@ mod tests {
         assert_eq!(err("type: easypy\n"), "no `version`");
         assert_eq!(err("- a\n- b\n"), "not a YAML mapping");
         assert_eq!(err(""), "not a YAML mapping");
-        assert_eq!(err("version: 1\ntype: easypy\narguments: [a]\n"), "`arguments` is not a mapping");
-        assert_eq!(err("version: 1\ntype: easypy\nprofiles: {p: 3}\n"), "profile p: not a mapping");
+        assert_eq!(
+            err("version: 1\ntype: easypy\narguments: [a]\n"),
+            "`arguments` is not a mapping"
+        );
+        assert_eq!(
+            err("version: 1\ntype: easypy\nprofiles: {p: 3}\n"),
+            "profile p: not a mapping"
+        );
     }
 
     #[test]
     fn alias_bombs_are_refused() {
-        let mut bomb = String::from("version: 1\ntype: easypy\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
+        let mut bomb =
+            String::from("version: 1\ntype: easypy\na0: &a0 [x, x, x, x, x, x, x, x, x, x]\n");
         for i in 1..10 {
             let prev = format!("*a{}", i - 1);
             bomb.push_str(&format!("a{i}: &a{i} [{}]\n", vec![prev; 10].join(", ")));

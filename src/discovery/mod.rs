@@ -68,7 +68,9 @@ impl FromStr for Source {
             "auto" => Ok(Self::Auto),
             "layers" => Ok(Self::Layers),
             "archive" => Ok(Self::Archive),
-            other => Err(format!("unknown discovery source {other:?} (expected auto, layers or archive)")),
+            other => Err(format!(
+                "unknown discovery source {other:?} (expected auto, layers or archive)"
+            )),
         }
     }
 }
@@ -98,7 +100,12 @@ pub struct DiscoveryOptions {
 
 impl Default for DiscoveryOptions {
     fn default() -> Self {
-        Self { default_root: "/pyats".into(), rules: JobRules::default(), source: Source::Auto, max_manifest_bytes: 1 << 20 }
+        Self {
+            default_root: "/pyats".into(),
+            rules: JobRules::default(),
+            source: Source::Auto,
+            max_manifest_bytes: 1 << 20,
+        }
     }
 }
 
@@ -134,18 +141,34 @@ pub enum DiscoveryError {
 }
 
 /// Finds the job files and manifests of a local image.
-pub async fn discover_image(docker: &Docker, image: &str, opts: &DiscoveryOptions) -> Result<Discovery, DiscoveryError> {
+pub async fn discover_image(
+    docker: &Docker,
+    image: &str,
+    opts: &DiscoveryOptions,
+) -> Result<Discovery, DiscoveryError> {
     let inspect = match docker.inspect_image(image).await {
         Ok(inspect) => inspect,
-        Err(EngineError::DockerResponseServerError { status_code: 404, .. }) => {
+        Err(EngineError::DockerResponseServerError {
+            status_code: 404, ..
+        }) => {
             return Err(DiscoveryError::ImageNotFound(image.to_owned()));
         }
         Err(e) => return Err(e.into()),
     };
-    let env = inspect.config.as_ref().and_then(|c| c.env.as_deref()).unwrap_or_default();
+    let env = inspect
+        .config
+        .as_ref()
+        .and_then(|c| c.env.as_deref())
+        .unwrap_or_default();
     let root = workspace_root(env, &opts.default_root);
-    let findings = Findings::new(CompiledRules::new(&opts.rules, &root)?, opts.max_manifest_bytes);
-    let driver = inspect.graph_driver.as_ref().map(|d| (d.name.as_str(), &d.data));
+    let findings = Findings::new(
+        CompiledRules::new(&opts.rules, &root)?,
+        opts.max_manifest_bytes,
+    );
+    let driver = inspect
+        .graph_driver
+        .as_ref()
+        .map(|d| (d.name.as_str(), &d.data));
     match choose_source(opts.source, driver)? {
         Chosen::Layers(view) => {
             let findings = tokio::task::spawn_blocking(move || {
@@ -156,15 +179,25 @@ pub async fn discover_image(docker: &Docker, image: &str, opts: &DiscoveryOption
             .map_err(std::io::Error::other)??;
             Ok(findings.finish(Source::Layers))
         }
-        Chosen::Archive => Ok(archive::scan(docker, image, findings).await?.finish(Source::Archive)),
+        Chosen::Archive => Ok(archive::scan(docker, image, findings)
+            .await?
+            .finish(Source::Archive)),
     }
 }
 
 /// `WORKSPACE` from the image's environment (last one wins, as in a shell), else the default.
 fn workspace_root(env: &[String], default_root: &str) -> String {
-    let root = env.iter().rev().find_map(|kv| kv.strip_prefix("WORKSPACE=")).filter(|v| !v.trim().is_empty());
+    let root = env
+        .iter()
+        .rev()
+        .find_map(|kv| kv.strip_prefix("WORKSPACE="))
+        .filter(|v| !v.trim().is_empty());
     let root = root.unwrap_or(default_root);
-    if root.starts_with('/') { rules::normalize(root) } else { rules::normalize(&format!("/{root}")) }
+    if root.starts_with('/') {
+        rules::normalize(root)
+    } else {
+        rules::normalize(&format!("/{root}"))
+    }
 }
 
 #[derive(Debug)]
@@ -207,30 +240,61 @@ mod tests {
     fn workspace_comes_from_the_image_env() {
         let env = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         assert_eq!(workspace_root(&env(&["PATH=/bin"]), "/pyats"), "/pyats");
-        assert_eq!(workspace_root(&env(&["WORKSPACE=/other/"]), "/pyats"), "/other");
-        assert_eq!(workspace_root(&env(&["WORKSPACE=/a", "WORKSPACE=/b"]), "/pyats"), "/b");
+        assert_eq!(
+            workspace_root(&env(&["WORKSPACE=/other/"]), "/pyats"),
+            "/other"
+        );
+        assert_eq!(
+            workspace_root(&env(&["WORKSPACE=/a", "WORKSPACE=/b"]), "/pyats"),
+            "/b"
+        );
         assert_eq!(workspace_root(&env(&["WORKSPACE="]), "/pyats"), "/pyats");
     }
 
     #[test]
     fn choosing_the_source() {
         let dir = std::env::temp_dir();
-        let readable: HashMap<String, String> =
-            [("UpperDir".to_string(), dir.display().to_string()), ("LowerDir".into(), format!("{}:{}", dir.display(), dir.display()))].into();
-        let unreadable: HashMap<String, String> = [("UpperDir".to_string(), "/nonexistent/diff".to_string())].into();
+        let readable: HashMap<String, String> = [
+            ("UpperDir".to_string(), dir.display().to_string()),
+            (
+                "LowerDir".into(),
+                format!("{}:{}", dir.display(), dir.display()),
+            ),
+        ]
+        .into();
+        let unreadable: HashMap<String, String> =
+            [("UpperDir".to_string(), "/nonexistent/diff".to_string())].into();
         let no_upper: HashMap<String, String> = HashMap::new();
 
-        assert!(matches!(choose_source(Source::Auto, Some(("overlay2", &readable))), Ok(Chosen::Layers(_))));
-        assert!(matches!(choose_source(Source::Layers, Some(("fuse-overlayfs", &readable))), Ok(Chosen::Layers(_))));
-        assert!(matches!(choose_source(Source::Archive, Some(("overlay2", &readable))), Ok(Chosen::Archive)));
-        for (name, data) in [("btrfs", &readable), ("overlay2", &unreadable), ("overlay2", &no_upper)] {
-            assert!(matches!(choose_source(Source::Auto, Some((name, data))), Ok(Chosen::Archive)));
+        assert!(matches!(
+            choose_source(Source::Auto, Some(("overlay2", &readable))),
+            Ok(Chosen::Layers(_))
+        ));
+        assert!(matches!(
+            choose_source(Source::Layers, Some(("fuse-overlayfs", &readable))),
+            Ok(Chosen::Layers(_))
+        ));
+        assert!(matches!(
+            choose_source(Source::Archive, Some(("overlay2", &readable))),
+            Ok(Chosen::Archive)
+        ));
+        for (name, data) in [
+            ("btrfs", &readable),
+            ("overlay2", &unreadable),
+            ("overlay2", &no_upper),
+        ] {
+            assert!(matches!(
+                choose_source(Source::Auto, Some((name, data))),
+                Ok(Chosen::Archive)
+            ));
             let err = choose_source(Source::Layers, Some((name, data))).unwrap_err();
             assert!(matches!(err, DiscoveryError::LayersUnavailable(_)), "{err}");
         }
         let err = choose_source(Source::Layers, None).unwrap_err().to_string();
         assert!(err.contains("no storage driver"), "{err}");
-        let err = choose_source(Source::Layers, Some(("overlay2", &unreadable))).unwrap_err().to_string();
+        let err = choose_source(Source::Layers, Some(("overlay2", &unreadable)))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/nonexistent/diff"), "{err}");
     }
 }

@@ -15,8 +15,12 @@ pub const MAX_HOPS: usize = 40;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum Node {
     Dir,
-    File { size: u64 },
-    Symlink { target: String },
+    File {
+        size: u64,
+    },
+    Symlink {
+        target: String,
+    },
     /// Devices, fifos, sockets.
     Other,
     Missing,
@@ -57,7 +61,13 @@ pub(crate) struct Resolution {
 
 impl Resolution {
     pub(crate) fn new(path: &str) -> Self {
-        let mut r = Self { resolved: "/".into(), pending: VecDeque::new(), candidate: None, hops: 0, last: None };
+        let mut r = Self {
+            resolved: "/".into(),
+            pending: VecDeque::new(),
+            candidate: None,
+            hops: 0,
+            last: None,
+        };
         r.push_front(path);
         r
     }
@@ -168,7 +178,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn tree(entries: &[(&str, Node)]) -> HashMap<String, Node> {
-        let mut t: HashMap<String, Node> = entries.iter().map(|(p, n)| (p.to_string(), n.clone())).collect();
+        let mut t: HashMap<String, Node> = entries
+            .iter()
+            .map(|(p, n)| (p.to_string(), n.clone()))
+            .collect();
         for (p, _) in entries {
             let mut d = parent(p);
             while d != "/" {
@@ -180,11 +193,15 @@ mod tests {
     }
 
     fn link(target: &str) -> Node {
-        Node::Symlink { target: target.into() }
+        Node::Symlink {
+            target: target.into(),
+        }
     }
 
     fn resolve(t: &HashMap<String, Node>, path: &str) -> Result<String, ResolveError> {
-        resolve_file(path, |p| Ok(t.get(p).cloned().unwrap_or(Node::Missing))).unwrap().map(|(p, _)| p)
+        resolve_file(path, |p| Ok(t.get(p).cloned().unwrap_or(Node::Missing)))
+            .unwrap()
+            .map(|(p, _)| p)
     }
 
     #[test]
@@ -199,10 +216,22 @@ mod tests {
             ("/pyats/link/viadir.tem", link("/pyats/dirlink/x.tem")),
         ]);
         assert_eq!(resolve(&t, "/pyats/link/abs.tem"), Ok("/etc/shadow".into()));
-        assert_eq!(resolve(&t, "/pyats/link/rel.tem"), Ok("/pyats/other/x.tem".into()));
-        assert_eq!(resolve(&t, "/pyats/link/chain.tem"), Ok("/pyats/other/x.tem".into()));
-        assert_eq!(resolve(&t, "/pyats/link/viadir.tem"), Ok("/pyats/other/x.tem".into()));
-        assert_eq!(resolve(&t, "/pyats/dirlink/x.tem"), Ok("/pyats/other/x.tem".into()));
+        assert_eq!(
+            resolve(&t, "/pyats/link/rel.tem"),
+            Ok("/pyats/other/x.tem".into())
+        );
+        assert_eq!(
+            resolve(&t, "/pyats/link/chain.tem"),
+            Ok("/pyats/other/x.tem".into())
+        );
+        assert_eq!(
+            resolve(&t, "/pyats/link/viadir.tem"),
+            Ok("/pyats/other/x.tem".into())
+        );
+        assert_eq!(
+            resolve(&t, "/pyats/dirlink/x.tem"),
+            Ok("/pyats/other/x.tem".into())
+        );
     }
 
     #[test]
@@ -232,14 +261,32 @@ mod tests {
             ("/pyats/fifo", Node::Other),
             ("/etc/passwd", Node::File { size: 1 }),
         ]);
-        assert_eq!(resolve(&t, "/pyats/dangling.tem"), Err(ResolveError::NotFound));
+        assert_eq!(
+            resolve(&t, "/pyats/dangling.tem"),
+            Err(ResolveError::NotFound)
+        );
         assert_eq!(resolve(&t, "/pyats/loop.tem"), Err(ResolveError::Loop));
         assert_eq!(resolve(&t, "/pyats/a.tem"), Err(ResolveError::Loop));
-        assert_eq!(resolve(&t, "/pyats/runtime.tem"), Err(ResolveError::RuntimePath("/etc/hostname".into())));
-        assert_eq!(resolve(&t, "/pyats/mtab.tem"), Err(ResolveError::RuntimePath("/etc/mtab".into())));
-        assert_eq!(resolve(&t, "/pyats/dev.tem"), Err(ResolveError::RuntimePath("/dev".into())));
-        assert_eq!(resolve(&t, "/pyats/dir.tem"), Err(ResolveError::IsADirectory));
-        assert_eq!(resolve(&t, "/pyats/through.tem"), Err(ResolveError::NotADirectory("/pyats/file".into())));
+        assert_eq!(
+            resolve(&t, "/pyats/runtime.tem"),
+            Err(ResolveError::RuntimePath("/etc/hostname".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/pyats/mtab.tem"),
+            Err(ResolveError::RuntimePath("/etc/mtab".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/pyats/dev.tem"),
+            Err(ResolveError::RuntimePath("/dev".into()))
+        );
+        assert_eq!(
+            resolve(&t, "/pyats/dir.tem"),
+            Err(ResolveError::IsADirectory)
+        );
+        assert_eq!(
+            resolve(&t, "/pyats/through.tem"),
+            Err(ResolveError::NotADirectory("/pyats/file".into()))
+        );
         assert_eq!(resolve(&t, "/pyats/fifo"), Err(ResolveError::NotAFile));
     }
 
@@ -247,7 +294,11 @@ mod tests {
     fn forty_hops_is_the_limit() {
         let mut entries = vec![("/f".to_string(), Node::File { size: 0 })];
         for i in 0..MAX_HOPS {
-            let target = if i == 0 { "/f".to_string() } else { format!("/l{}", i - 1) };
+            let target = if i == 0 {
+                "/f".to_string()
+            } else {
+                format!("/l{}", i - 1)
+            };
             entries.push((format!("/l{i}"), link(&target)));
         }
         let t: HashMap<String, Node> = entries.into_iter().collect();

@@ -59,8 +59,17 @@ impl CompiledRules {
                     .map_err(|e| DiscoveryError::InvalidRules(format!("glob {g:?}: {e}")))
             })
             .collect::<Result<_, _>>()?;
-        let listed = rules.paths.iter().map(|p| absolute_under(root, p)).collect();
-        Ok(Self { root: root.to_owned(), matcher, globs, listed })
+        let listed = rules
+            .paths
+            .iter()
+            .map(|p| absolute_under(root, p))
+            .collect();
+        Ok(Self {
+            root: root.to_owned(),
+            matcher,
+            globs,
+            listed,
+        })
     }
 
     pub(crate) fn root(&self) -> &str {
@@ -79,7 +88,10 @@ impl CompiledRules {
             if is_under(&path, &self.root) {
                 self.listed.insert(path);
             } else {
-                warnings.push(format!("{file}: entry {line} is outside the workspace root {}", self.root));
+                warnings.push(format!(
+                    "{file}: entry {line} is outside the workspace root {}",
+                    self.root
+                ));
             }
         }
         warnings
@@ -88,7 +100,9 @@ impl CompiledRules {
     /// Whether `path` (absolute, a `.py`) is named a job by `match`, a glob or a listed path.
     /// A file that is not can still be a job through the marker.
     pub(crate) fn is_named_job(&self, path: &str) -> bool {
-        self.listed.contains(path) || self.matcher.is_match(path) || self.globs.iter().any(|g| g.is_match(path))
+        self.listed.contains(path)
+            || self.matcher.is_match(path)
+            || self.globs.iter().any(|g| g.is_match(path))
     }
 
     pub(crate) fn is_listed(&self, path: &str) -> bool {
@@ -107,7 +121,9 @@ impl CompiledRules {
 
     /// Whether any directory between the root and `path` is skipped.
     pub(crate) fn in_skipped_dir(&self, path: &str) -> bool {
-        let Some(rel) = strip_root(path, &self.root) else { return true };
+        let Some(rel) = strip_root(path, &self.root) else {
+            return true;
+        };
         let mut dir = self.root.trim_end_matches('/').to_owned();
         let mut parts = rel.split('/').filter(|p| !p.is_empty()).peekable();
         while let Some(part) = parts.next() {
@@ -143,7 +159,8 @@ pub(crate) fn strip_root<'a>(path: &'a str, root: &str) -> Option<&'a str> {
     if rest.is_empty() {
         Some("")
     } else {
-        rest.strip_prefix('/').or(if root.is_empty() { Some(rest) } else { None })
+        rest.strip_prefix('/')
+            .or(if root.is_empty() { Some(rest) } else { None })
     }
 }
 
@@ -154,7 +171,15 @@ pub(crate) fn is_under(path: &str, root: &str) -> bool {
 pub(crate) fn join(dir: &str, rel: &str) -> String {
     let dir = dir.trim_end_matches('/');
     let rel = rel.trim_start_matches('/');
-    if rel.is_empty() { if dir.is_empty() { "/".into() } else { dir.into() } } else { format!("{dir}/{rel}") }
+    if rel.is_empty() {
+        if dir.is_empty() {
+            "/".into()
+        } else {
+            dir.into()
+        }
+    } else {
+        format!("{dir}/{rel}")
+    }
 }
 
 /// Lexically normalises an absolute path: no `.`, `..` clamped at `/`, no duplicate slashes.
@@ -174,7 +199,11 @@ pub(crate) fn normalize(path: &str) -> String {
 
 /// A rule path: absolute as given, else relative to the root.
 fn absolute_under(root: &str, path: &str) -> String {
-    if path.starts_with('/') { normalize(path) } else { normalize(&join(root, path)) }
+    if path.starts_with('/') {
+        normalize(path)
+    } else {
+        normalize(&join(root, path))
+    }
 }
 
 /// Shell-style glob to an anchored regex: `*` and `?` stay within one path component, `**`
@@ -200,7 +229,10 @@ fn glob_to_regex(glob: &str) -> String {
             '[' => match chars[i + 1..].iter().position(|&c| c == ']') {
                 Some(len) => {
                     let class: String = chars[i + 1..i + 1 + len].iter().collect();
-                    let class = class.strip_prefix('!').map(|c| format!("^{c}")).unwrap_or(class);
+                    let class = class
+                        .strip_prefix('!')
+                        .map(|c| format!("^{c}"))
+                        .unwrap_or(class);
                     out.push('[');
                     out.push_str(&class.replace('\\', "\\\\"));
                     out.push(']');
@@ -244,13 +276,19 @@ pub(crate) fn is_job_source(reader: &mut impl BufRead, named: bool) -> io::Resul
 
 /// `def main(` at column 0 (spaces allowed around the name, as Python allows).
 pub(crate) fn is_top_level_main(line: &[u8]) -> bool {
-    let Some(rest) = line.strip_prefix(b"def") else { return false };
-    let Some(first) = rest.first() else { return false };
+    let Some(rest) = line.strip_prefix(b"def") else {
+        return false;
+    };
+    let Some(first) = rest.first() else {
+        return false;
+    };
     if *first != b' ' && *first != b'\t' {
         return false;
     }
     let rest = rest.trim_ascii_start();
-    let Some(rest) = rest.strip_prefix(b"main") else { return false };
+    let Some(rest) = rest.strip_prefix(b"main") else {
+        return false;
+    };
     rest.trim_ascii_start().starts_with(b"(")
 }
 
@@ -314,7 +352,11 @@ mod tests {
 
     #[test]
     fn globs_and_paths_are_relative_to_the_root() {
-        let r = rules(Some("^$"), &["tests/*_runner.py", "/abs/**/x.py", "suite?/[!a]*.py"], &["one.py", "/pyats/two.py"]);
+        let r = rules(
+            Some("^$"),
+            &["tests/*_runner.py", "/abs/**/x.py", "suite?/[!a]*.py"],
+            &["one.py", "/pyats/two.py"],
+        );
         assert!(r.is_named_job("/pyats/tests/suite_runner.py"));
         assert!(!r.is_named_job("/pyats/tests/deeper/suite_runner.py"));
         assert!(r.is_named_job("/abs/x.py"));
@@ -328,18 +370,32 @@ mod tests {
 
     #[test]
     fn invalid_rules_are_an_error() {
-        let bad = JobRules { r#match: Some("(".into()), ..Default::default() };
-        assert!(matches!(CompiledRules::new(&bad, "/pyats"), Err(DiscoveryError::InvalidRules(_))));
+        let bad = JobRules {
+            r#match: Some("(".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            CompiledRules::new(&bad, "/pyats"),
+            Err(DiscoveryError::InvalidRules(_))
+        ));
     }
 
     #[test]
     fn jobfiles_txt_entries_count_inside_the_root_only() {
         let mut r = rules(Some("^$"), &[], &[]);
-        let warnings = r.add_jobfiles_txt("/pyats/installation/jobfiles.txt", "/pyats/a.py\nb/c.py\n\n# x\n/etc/d.py\n");
+        let warnings = r.add_jobfiles_txt(
+            "/pyats/installation/jobfiles.txt",
+            "/pyats/a.py\nb/c.py\n\n# x\n/etc/d.py\n",
+        );
         assert!(r.is_named_job("/pyats/a.py"));
         assert!(r.is_named_job("/pyats/b/c.py"));
         assert!(!r.is_named_job("/etc/d.py"));
-        assert_eq!(warnings, ["/pyats/installation/jobfiles.txt: entry /etc/d.py is outside the workspace root /pyats"]);
+        assert_eq!(
+            warnings,
+            [
+                "/pyats/installation/jobfiles.txt: entry /etc/d.py is outside the workspace root /pyats"
+            ]
+        );
     }
 
     #[test]
@@ -353,7 +409,10 @@ mod tests {
         assert!(r.in_skipped_dir("/pyats/.git/hooks/hook_job.py"));
         assert!(r.in_skipped_dir("/pyats/installation/setup_job.py"));
         assert!(!r.in_skipped_dir("/pyats/dest/basic/a_job.py"));
-        assert!(!r.in_skipped_dir("/pyats/site-packages"), "a file named like a skipped dir is fine");
+        assert!(
+            !r.in_skipped_dir("/pyats/site-packages"),
+            "a file named like a skipped dir is fine"
+        );
         assert!(r.in_skipped_dir("/other/a_job.py"), "outside the root");
     }
 
@@ -384,7 +443,10 @@ mod tests {
         assert!(at(10));
         assert!(!at(11));
         assert!(!at(12));
-        assert!(job("def main():\n    pass\n# PYATS_JOBFILE\n", false), "main before the marker");
+        assert!(
+            job("def main():\n    pass\n# PYATS_JOBFILE\n", false),
+            "main before the marker"
+        );
         assert!(!job("# PYATS_JOBFILE\n", false), "marker without main");
         assert!(!job("def main():\n", false), "main without marker or name");
     }

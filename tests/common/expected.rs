@@ -42,7 +42,10 @@ pub const BASIC: Expected = Expected {
     root: "/pyats",
     jobs: BASIC_JOBS,
     manifest_files: &["/pyats/dest/basic/basic_example_job.tem"],
-    warning_prefixes: &["/pyats/dest/broken/broken_job.tem: invalid YAML: ", "/pyats/dest/broken/notype_job.tem: no `type`"],
+    warning_prefixes: &[
+        "/pyats/dest/broken/broken_job.tem: invalid YAML: ",
+        "/pyats/dest/broken/notype_job.tem: no `type`",
+    ],
     not_jobs: &[
         "/pyats/dest/basic/helper_script.py",
         "/pyats/dest/basic/nomain_job.py",
@@ -78,8 +81,11 @@ pub fn basic_manifest() -> Value {
     })
 }
 
-pub const BUILDER_JOBS: &[&str] =
-    &["/pyats/tests/regression_job.py", "/pyats/tests/relative_runner.py", "/pyats/tests/suite_runner.py"];
+pub const BUILDER_JOBS: &[&str] = &[
+    "/pyats/tests/regression_job.py",
+    "/pyats/tests/relative_runner.py",
+    "/pyats/tests/suite_runner.py",
+];
 
 pub const BUILDER: Expected = Expected {
     name: "builder",
@@ -99,7 +105,10 @@ pub const BUILDER: Expected = Expected {
 };
 
 pub const WORKSPACE_ROOT: &str = "/other";
-pub const WORKSPACE_JOBS: &[&str] = &["/other/jobs/ws_job.py", "/other/nested/deep/dir/deep_job.py"];
+pub const WORKSPACE_JOBS: &[&str] = &[
+    "/other/jobs/ws_job.py",
+    "/other/nested/deep/dir/deep_job.py",
+];
 
 pub const WORKSPACE: Expected = Expected {
     name: "workspace",
@@ -136,7 +145,11 @@ pub const LAYERED: Expected = Expected {
         "/pyats/link/loop_job.tem: symlink to loop_job.tem: more than 40 symlinks",
         "/pyats/link/runtime_job.tem: symlink to /etc/hostname: /etc/hostname is a container runtime path",
     ],
-    not_jobs: &["/pyats/a/deleted_job.py", "/pyats/olddir/old_job.py", "/pyats/keep/replaced_job.py"],
+    not_jobs: &[
+        "/pyats/a/deleted_job.py",
+        "/pyats/olddir/old_job.py",
+        "/pyats/keep/replaced_job.py",
+    ],
     files_scanned: 15,
 };
 
