@@ -26,6 +26,7 @@ pub struct Metrics {
     bytes_pulled: AtomicU64,
     bytes_pushed: AtomicU64,
     dead_lettered: AtomicU64,
+    retries: AtomicU64,
     broker_up: AtomicBool,
     engine_up: AtomicBool,
 }
@@ -73,6 +74,10 @@ impl Metrics {
 
     pub fn dead_lettered(&self) {
         self.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn retried(&self) {
+        self.retries.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn set_broker_up(&self, up: bool) {
@@ -169,6 +174,13 @@ impl Metrics {
             "Messages that were not jobs, sent to the dead-letter queue.",
             "counter",
             self.dead_lettered.load(Ordering::Relaxed).to_string(),
+        );
+        gauge(
+            &mut out,
+            "image_worker_registry_retries_total",
+            "Registry operations tried again after a transient error.",
+            "counter",
+            self.retries.load(Ordering::Relaxed).to_string(),
         );
         gauge(
             &mut out,
