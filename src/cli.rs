@@ -78,6 +78,15 @@ pub enum Command {
         #[command(subcommand)]
         job: SubmitJob,
     },
+    /// Cancel a job by uuid on every worker: a running job stops and reports `cancelled`; a job
+    /// still queued is answered `cancelled` by the worker that takes it (if that worker heard
+    /// the request).
+    Cancel {
+        /// The job's uuid.
+        uuid: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// List the pyATS job files and manifests of a local image.
     Discover {
         /// Image reference or id, present in the local engine.
@@ -214,6 +223,13 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Submit {
             job: SubmitJob::Pull(args),
         } => submit_pull(args).await,
+        Command::Cancel { uuid, config } => match load_config(&config) {
+            Ok(c) => submit::cancel(&c, &uuid).await.map(|()| {
+                eprintln!("cancel requested for {uuid}");
+                ExitCode::SUCCESS
+            }),
+            Err(code) => return code,
+        },
         Command::Discover {
             image,
             source,

@@ -119,6 +119,7 @@ pub fn classify_message(message: &str) -> Option<EngineErrorKind> {
         "no such host",
         "i/o timeout",
         "connection reset",
+        "broken pipe",
         "network is unreachable",
         "tls handshake timeout",
         "dial tcp",

@@ -107,14 +107,28 @@ pub fn jittered(d: Duration) -> Duration {
 /// An event leaving a job: routing key and body, for whoever publishes (the broker, or nobody).
 pub type EventSender = UnboundedSender<(String, Vec<u8>)>;
 
-/// Sends a job's `running` events, at most about one a second (phase changes always go out).
+/// Sends a job's `running` events, at most one a second per job: phase changes go out at
+/// once; progress within the second is held and the latest is sent when the second is over, so
+/// the last figures of a burst (an engine that reports a whole layer at once) are never lost.
 pub struct JobEvents {
     sender: Option<EventSender>,
     uuid: String,
     job_type: &'static str,
     worker_id: String,
-    last: Mutex<(Option<Instant>, String)>,
+    state: std::sync::Arc<Mutex<Throttle>>,
 }
+
+#[derive(Default)]
+struct Throttle {
+    last_sent: Option<Instant>,
+    phase: String,
+    pending: Option<Vec<u8>>,
+    flush_scheduled: bool,
+    /// The job is over: nothing held is sent after its report.
+    closed: bool,
+}
+
+const EVENT_INTERVAL: Duration = Duration::from_secs(1);
 
 impl JobEvents {
     pub fn new(
@@ -128,20 +142,12 @@ impl JobEvents {
             uuid: uuid.to_string(),
             job_type: job_type.as_str(),
             worker_id: worker_id.to_string(),
-            last: Mutex::new((None, String::new())),
+            state: Default::default(),
         }
     }
 
     pub fn running(&self, phase: &str, progress: Progress) {
         let Some(sender) = &self.sender else { return };
-        {
-            let mut last = self.last.lock().unwrap();
-            let same_phase = last.1 == phase;
-            if same_phase && last.0.is_some_and(|t| t.elapsed() < Duration::from_secs(1)) {
-                return;
-            }
-            *last = (Some(Instant::now()), phase.to_string());
-        }
         let event = RunningEvent {
             uuid: self.uuid.clone(),
             status: Status::Running,
@@ -151,10 +157,55 @@ impl JobEvents {
             worker_id: self.worker_id.clone(),
             date_updated: record_date(Utc::now()),
         };
+        let Ok(body) = serde_json::to_vec(&event) else {
+            return;
+        };
         let key = format!("job.{}.running", self.job_type);
-        if let Ok(body) = serde_json::to_vec(&event) {
-            let _ = sender.send((key, body));
+        let mut state = self.state.lock().unwrap();
+        if state.closed {
+            return;
         }
+        let due = state
+            .last_sent
+            .is_none_or(|t| t.elapsed() >= EVENT_INTERVAL);
+        if state.phase != phase || due {
+            state.phase = phase.to_string();
+            state.last_sent = Some(Instant::now());
+            state.pending = None;
+            let _ = sender.send((key, body));
+            return;
+        }
+        state.pending = Some(body);
+        if !state.flush_scheduled {
+            state.flush_scheduled = true;
+            let wait = EVENT_INTERVAL
+                .saturating_sub(state.last_sent.map_or(Duration::ZERO, |t| t.elapsed()));
+            let shared = self.state.clone();
+            let sender = sender.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(wait).await;
+                let pending = {
+                    let mut state = shared.lock().unwrap();
+                    state.flush_scheduled = false;
+                    let pending = state.pending.take().filter(|_| !state.closed);
+                    if pending.is_some() {
+                        state.last_sent = Some(Instant::now());
+                    }
+                    pending
+                };
+                if let Some(body) = pending {
+                    let _ = sender.send((key, body));
+                }
+            });
+        }
+    }
+}
+
+impl Drop for JobEvents {
+    fn drop(&mut self) {
+        let mut state = self.state.lock().unwrap();
+        state.closed = true;
+        state.pending = None;
     }
 }
 

@@ -23,6 +23,37 @@ pub enum Submitted {
     TimedOut { uuid: String },
 }
 
+/// Asks every worker to cancel the job `uuid` (a message on the control exchange).
+pub async fn cancel(config: &Config, uuid: &str) -> anyhow::Result<()> {
+    let uuid = uuid::Uuid::parse_str(uuid)
+        .with_context(|| format!("{uuid:?} is not a uuid"))?
+        .to_string();
+    let topology = Topology::new(&config.amqp.prefix);
+    let url = config.amqp_url()?;
+    let connection = broker::connect(&url, "image-worker cancel")
+        .await
+        .with_context(|| {
+            format!(
+                "cannot connect to {}",
+                crate::secrets::mask_url_credentials(&url)
+            )
+        })?;
+    let publisher = Publisher::open(&connection).await?;
+    topology.declare(publisher.channel(), &[]).await?;
+    let body = serde_json::to_vec(&serde_json::json!({"action": "cancel", "uuid": uuid}))?;
+    publisher
+        .publish(
+            &topology.control_exchange(),
+            "",
+            &body,
+            BasicProperties::default(),
+            false,
+        )
+        .await?;
+    let _ = connection.close(200, ShortString::from("done")).await;
+    Ok(())
+}
+
 /// Publishes `job` (a JSON object with `uuid` and `type`) to `<cap>.<pool>`; with `wait`, waits
 /// for the report on a private reply queue, printing `running` events to stderr meanwhile.
 pub async fn submit(

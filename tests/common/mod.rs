@@ -4,6 +4,7 @@
 //! in parallel without seeing each other's queues.
 #![allow(dead_code)]
 pub mod expected;
+pub mod proxy;
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -94,6 +95,8 @@ pub struct WorkerOptions {
     /// Extra YAML appended to the config file.
     pub extra_yaml: String,
     pub concurrency: Option<u16>,
+    /// Environment overrides (`IMAGE_WORKER__...`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A worker process of our binary, with its own prefix, config, logs root and captured log.
@@ -131,6 +134,7 @@ impl Worker {
             .args(["run", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .env_remove("IMAGE_WORKER_CONFIG")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr_path).unwrap())
@@ -498,4 +502,256 @@ pub fn files_under(dir: &Path) -> Vec<(PathBuf, String)> {
         }
     }
     out
+}
+
+/// Builds a unique image holding `size` random bytes and one pyATS job, pushes it to the open
+/// registry and removes it locally: pulling it really downloads `size` bytes. Returns the
+/// repository below `127.0.0.1:5000/`.
+pub fn unique_image(size: usize) -> String {
+    let name = format!("faults/{}", unique("img"));
+    let dir = std::env::temp_dir().join(unique("iw-img"));
+    std::fs::create_dir_all(dir.join("pyats")).unwrap();
+    std::fs::copy("/bin/busybox", dir.join("busybox")).unwrap();
+    let mut blob = vec![0u8; size];
+    std::fs::File::open("/dev/urandom")
+        .unwrap()
+        .read_exact(&mut blob)
+        .unwrap();
+    std::fs::write(dir.join("blob"), blob).unwrap();
+    std::fs::write(
+        dir.join("pyats/slow_job.py"),
+        "def main(runtime):\n    pass\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM scratch\nCOPY busybox /bin/busybox\nCOPY pyats /pyats\nCOPY blob /blob\n",
+    )
+    .unwrap();
+    let reference = format!("{OPEN_REGISTRY}/{name}:latest");
+    let out = Command::new("docker")
+        .args(["build", "-q", "-t", &reference])
+        .arg(&dir)
+        .env("DOCKER_BUILDKIT", "0")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    docker(&["push", "-q", &reference]);
+    docker(&["rmi", &reference]);
+    let _ = std::fs::remove_dir_all(dir);
+    name
+}
+
+/// A durable queue bound to every job event of a prefix: unlike an exclusive reply queue, it
+/// outlives a broker restart, so a test can count reports across one.
+pub struct Results {
+    prefix: String,
+    queue: String,
+    channel: Option<Channel>,
+    connection: Option<Connection>,
+    /// Final reports seen, in order.
+    pub finals: Vec<Value>,
+    /// Running events seen.
+    pub running: Vec<Value>,
+}
+
+impl Results {
+    pub async fn new(prefix: &str) -> Results {
+        let mut r = Results {
+            prefix: prefix.to_string(),
+            queue: format!("{prefix}.test-results"),
+            channel: None,
+            connection: None,
+            finals: Vec::new(),
+            running: Vec::new(),
+        };
+        r.channel().await;
+        r
+    }
+
+    async fn channel(&mut self) -> Channel {
+        if let Some(c) = &self.channel
+            && c.status().connected()
+        {
+            return c.clone();
+        }
+        for _ in 0..600 {
+            if let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await {
+                let ch = conn.create_channel().await.unwrap();
+                ch.exchange_declare(
+                    format!("{}.events", self.prefix).into(),
+                    lapin::ExchangeKind::Topic,
+                    lapin::options::ExchangeDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+                ch.queue_declare(
+                    self.queue.clone().into(),
+                    QueueDeclareOptions {
+                        durable: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+                ch.queue_bind(
+                    self.queue.clone().into(),
+                    format!("{}.events", self.prefix).into(),
+                    "job.#".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .unwrap();
+                self.channel = Some(ch.clone());
+                self.connection = Some(conn);
+                return ch;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("cannot reach RabbitMQ");
+    }
+
+    /// Takes what is in the queue now; returns how many messages it took.
+    pub async fn poll(&mut self) -> usize {
+        let mut n = 0;
+        loop {
+            let channel = self.channel().await;
+            match channel
+                .basic_get(self.queue.clone().into(), BasicGetOptions { no_ack: true })
+                .await
+            {
+                Ok(Some(msg)) => {
+                    n += 1;
+                    let v: Value = serde_json::from_slice(&msg.delivery.data).unwrap();
+                    if v["status"] == "running" {
+                        self.running.push(v);
+                    } else {
+                        self.finals.push(v);
+                    }
+                }
+                Ok(None) => return n,
+                Err(_) => {
+                    self.channel = None;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    }
+
+    /// Waits until `n` final reports have arrived in all.
+    pub async fn wait_finals(&mut self, n: usize, timeout: Duration) -> &[Value] {
+        let start = Instant::now();
+        while self.finals.len() < n {
+            assert!(
+                start.elapsed() < timeout,
+                "{} of {n} reports within {timeout:?}",
+                self.finals.len()
+            );
+            if self.poll().await == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        &self.finals
+    }
+
+    /// Waits for a running event of `uuid` with bytes already moved in `phase`.
+    pub async fn wait_progress(&mut self, uuid: &str, phase: &str, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.running.iter().any(|e| {
+                e["uuid"] == uuid
+                    && e["phase"] == phase
+                    && e["progress"]["current"].as_u64() > Some(0)
+            }) {
+                return;
+            }
+            assert!(
+                start.elapsed() < timeout,
+                "no {phase} progress for {uuid} within {timeout:?}"
+            );
+            if self.poll().await == 0 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    pub async fn delete(mut self) {
+        let channel = self.channel().await;
+        let _ = channel
+            .queue_delete(
+                self.queue.clone().into(),
+                lapin::options::QueueDeleteOptions::default(),
+            )
+            .await;
+    }
+}
+
+/// Publishes a job (persistent) to `image.general` of `prefix` on a short-lived connection.
+pub async fn publish_job(prefix: &str, job: &Value) {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    ch.confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    ch.basic_publish(
+        format!("{prefix}.jobs").into(),
+        "image.general".into(),
+        BasicPublishOptions {
+            mandatory: true,
+            ..Default::default()
+        },
+        job.to_string().as_bytes(),
+        BasicProperties::default().with_delivery_mode(2),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+}
+
+/// Messages waiting in a queue (passive declare).
+pub async fn queue_depth(queue: &str) -> u32 {
+    let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let q = ch
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let _ = conn.close(200, "done".into()).await;
+    q.message_count()
+}
+
+pub fn rabbitmqctl(args: &[&str]) -> String {
+    let out = Command::new("rabbitmqctl")
+        .args(args)
+        .output()
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
