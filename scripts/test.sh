@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 
 started=$(date +%s)
 scripts/services.sh up
+scripts/base-image.sh
 scripts/fixtures.sh
 echo "[test] services and fixtures ready in $(( $(date +%s) - started )) s" >&2
 
