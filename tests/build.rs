@@ -185,7 +185,7 @@ tag: ignored:latest
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_builds_fail_with_the_last_output_lines() {
     let worker = Worker::start(WorkerOptions {
-        extra_yaml: build_worker_yaml(&[], ""),
+        extra_yaml: build_worker_yaml(&[], "  error_tail_lines: 6\n"),
         ..Default::default()
     });
     let mut broker = Broker::connect(&worker.prefix).await;

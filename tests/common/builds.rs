@@ -187,7 +187,7 @@ pub fn temp_dir(label: &str) -> PathBuf {
     dir
 }
 
-/// The YAML of a worker config for build tests.
+/// The YAML of a worker config for build tests; `extra` holds more `build:` keys, indented.
 pub fn build_worker_yaml(files_allow: &[&Path], extra: &str) -> String {
     let allow: Vec<String> = files_allow.iter().map(|p| format!("\"{}\"", p.display())).collect();
     format!(
