@@ -39,6 +39,16 @@ impl Topology {
         format!("{}.dead", self.prefix)
     }
 
+    /// Fanout exchange every worker hears: cancel requests.
+    pub fn control_exchange(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    /// The queue holding a long job's message while it runs (see `lease`).
+    pub fn lease_queue(&self, uuid: &str) -> String {
+        format!("{}.lease.{uuid}", self.prefix)
+    }
+
     pub fn job_queue(&self, cap: &str, pool: &str) -> String {
         format!("{}.jobs.{cap}.{pool}", self.prefix)
     }
@@ -69,6 +79,14 @@ impl Topology {
             .exchange_declare(
                 self.events_exchange().into(),
                 ExchangeKind::Topic,
+                durable_exchange,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .exchange_declare(
+                self.control_exchange().into(),
+                ExchangeKind::Fanout,
                 durable_exchange,
                 FieldTable::default(),
             )
@@ -111,6 +129,8 @@ pub enum PublishError {
     Nacked,
     #[error("the broker returned the message: no queue for {0}")]
     Unroutable(String),
+    #[error("stopped before the broker confirmed")]
+    Stopped,
 }
 
 /// Opens a connection; the URL's password never reaches a log.
@@ -188,6 +208,14 @@ pub fn error_headers(reason: &str, source_queue: &str) -> FieldTable {
         AMQPValue::LongString(LongString::from(source_queue.to_string())),
     );
     headers
+}
+
+/// Whether the broker dead-lettered this message before (an expired lease comes back so).
+pub fn was_dead_lettered(properties: &BasicProperties) -> bool {
+    properties
+        .headers()
+        .as_ref()
+        .is_some_and(|h| h.inner().contains_key("x-death"))
 }
 
 /// The string value of a header, if present.

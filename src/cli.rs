@@ -370,8 +370,16 @@ async fn run_local_job(config: Config, file: &str) -> anyhow::Result<ExitCode> {
         config,
         docker,
         worker,
+        metrics: Default::default(),
     };
-    let finished = run_job(&ctx, input, DeliveryInfo::default(), None).await;
+    let finished = run_job(
+        &ctx,
+        input,
+        DeliveryInfo::default(),
+        None,
+        &Default::default(),
+    )
+    .await;
     let value: Value = serde_json::from_slice(&finished.json)?;
     println!("{}", serde_json::to_string_pretty(&value)?);
     Ok(

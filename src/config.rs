@@ -52,6 +52,24 @@ pub struct Config {
     pub build: BuildConfig,
     /// `polaris_build` jobs: the repository they build and where images go.
     pub polaris: PolarisConfig,
+    /// The operations endpoint: /healthz, /readyz, /metrics.
+    pub http: HttpConfig,
+}
+
+/// The operations endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// Address to listen on (loopback by default; port 0 picks a free one); empty disables it.
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// Worker identity, as reported in every record's `worker` block.
@@ -136,12 +154,23 @@ impl std::fmt::Debug for AmqpConfig {
 }
 
 /// The Docker engine.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DockerConfig {
     /// Engine address (`unix:///var/run/docker.sock`, `tcp://host:2375`); unset means
     /// `DOCKER_HOST` or the local socket. The API version is negotiated with the engine.
     pub host: Option<String>,
+    /// Seconds between checks that the engine answers; while it does not, no job is taken.
+    pub ping_interval_s: u64,
+}
+
+impl Default for DockerConfig {
+    fn default() -> Self {
+        Self {
+            host: None,
+            ping_interval_s: 5,
+        }
+    }
 }
 
 /// Registry credentials and the mirror.
@@ -259,6 +288,17 @@ pub struct JobsConfig {
     pub default_timeout_s: u64,
     /// Largest job message accepted, in bytes; larger ones are dead-lettered.
     pub max_message_bytes: usize,
+    /// Further tries of a registry operation that failed transiently (unreachable, 5xx, 429).
+    pub registry_retries: u32,
+    /// First wait between tries, in milliseconds; doubles each try (capped at 30 s), with jitter.
+    pub retry_backoff_ms: u64,
+    /// A job still running after this many seconds hands its message over to a lease (see
+    /// ARCHITECTURE.md), so RabbitMQ's consumer_timeout (30 min by default) never closes the
+    /// channel under it. Keep it below the broker's consumer_timeout.
+    pub lease_after_s: u64,
+    /// Seconds a lease lives without renewal; a worker that dies lets it expire and the job goes
+    /// back to its queue. Renewed every third of it.
+    pub lease_s: u64,
 }
 
 impl Default for JobsConfig {
@@ -266,6 +306,10 @@ impl Default for JobsConfig {
         Self {
             default_timeout_s: 3600,
             max_message_bytes: 1024 * 1024,
+            registry_retries: 4,
+            retry_backoff_ms: 1000,
+            lease_after_s: 1200,
+            lease_s: 300,
         }
     }
 }
@@ -393,6 +437,11 @@ impl Config {
                     "pool name {pool:?} may hold only letters, digits, '-', '_' and '.'"
                 )));
             }
+        }
+        if self.jobs.lease_s < 3 {
+            return Err(ConfigError::Invalid(
+                "jobs.lease_s must be at least 3".into(),
+            ));
         }
         if self.amqp.prefix.is_empty() {
             return Err(ConfigError::Invalid("amqp.prefix must not be empty".into()));

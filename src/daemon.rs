@@ -6,7 +6,6 @@
 //! Anything else is left unacknowledged, and the broker delivers it again.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -15,18 +14,21 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use serde_json::json;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::broker::{self, Publisher, Topology};
+use crate::broker::{self, PublishError, Publisher, Topology};
 use crate::config::Config;
+use crate::inflight::{Admission, InFlight};
 use crate::job::parse_job;
-use crate::pipeline::{DeliveryInfo, JobContext, run_job};
-use crate::report::{WorkerInfo, insert_time};
+use crate::lease::Lease;
+use crate::pipeline::{DeliveryInfo, EventSender, Finished, JobContext, run_job};
+use crate::report::{Report, Status, WorkerInfo, insert_time};
 
 /// The caps this worker implements; others in `worker.caps` are only advertised.
 pub const IMPLEMENTED_CAPS: &[&str] = &["image", "polaris_image"];
@@ -98,14 +100,74 @@ pub fn consumed_queues(config: &Config) -> Vec<(String, String)> {
     out
 }
 
+/// The publisher of the current broker connection. Jobs publish through it rather than through
+/// the connection they started on, so a report survives a reconnect.
+#[derive(Clone)]
+pub struct PublisherSlot(Arc<watch::Sender<Option<Publisher>>>);
+
+impl Default for PublisherSlot {
+    fn default() -> Self {
+        Self(Arc::new(watch::channel(None).0))
+    }
+}
+
+impl PublisherSlot {
+    fn set(&self, publisher: Option<Publisher>) {
+        self.0.send_replace(publisher);
+    }
+
+    fn current(&self) -> Option<Publisher> {
+        self.0.borrow().clone()
+    }
+
+    /// Publishes and waits for the broker's confirm, through whichever connection is up, trying
+    /// again across reconnects until `stop`. A nack or an unroutable message is final.
+    pub async fn publish_reliably(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+        stop: &CancellationToken,
+    ) -> Result<(), PublishError> {
+        let mut rx = self.0.subscribe();
+        loop {
+            let publisher = tokio::select! {
+                p = rx.wait_for(Option::is_some) => p.ok().and_then(|p| p.clone()),
+                _ = stop.cancelled() => None,
+            };
+            let Some(publisher) = publisher else {
+                return Err(PublishError::Stopped);
+            };
+            match publisher
+                .publish(exchange, routing_key, body, properties.clone(), mandatory)
+                .await
+            {
+                Err(PublishError::Broker(e)) => {
+                    tracing::warn!(error = %e, exchange, routing_key, "publish failed; trying again when the broker is back");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                        _ = stop.cancelled() => return Err(PublishError::Stopped),
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
 struct Daemon {
     ctx: Arc<JobContext>,
     topology: Topology,
     queues: Vec<(String, String)>,
     tracker: TaskTracker,
     permits: Arc<Semaphore>,
-    in_flight: Arc<AtomicUsize>,
     shutdown: Shutdown,
+    publisher: PublisherSlot,
+    jobs: InFlight,
+    events: EventSender,
+    engine_up: watch::Receiver<bool>,
 }
 
 /// Runs the daemon until `shutdown` says stop.
@@ -125,31 +187,85 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         concurrency = config.worker.concurrency,
         "image-worker starting"
     );
+    let metrics = Arc::new(crate::metrics::Metrics::default());
+    let http_stop = CancellationToken::new();
+    if !config.http.listen.is_empty() {
+        let listener = tokio::net::TcpListener::bind(&config.http.listen)
+            .await
+            .with_context(|| format!("cannot listen on http.listen {}", config.http.listen))?;
+        tracing::info!(address = %listener.local_addr()?, "http endpoint listening (/healthz, /readyz, /metrics)");
+        tokio::spawn(crate::http::serve(
+            listener,
+            metrics.clone(),
+            http_stop.clone(),
+        ));
+    }
+    let _stop_http = http_stop.drop_guard();
     let Some(docker) = connect_engine(&config, &shutdown).await else {
         return Ok(());
     };
-    let daemon = Daemon {
+    metrics.set_engine_up(true);
+    if let Some(every) = crate::systemd::watchdog_interval() {
+        // Pings prove the runtime still schedules tasks; a wedged worker is restarted by systemd.
+        let stop = shutdown.immediate.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => crate::systemd::notify("WATCHDOG=1"),
+                }
+            }
+        });
+    }
+    let (engine_tx, engine_up) = watch::channel(true);
+    tokio::spawn(watch_engine(
+        docker.clone(),
+        metrics.clone(),
+        engine_tx,
+        config.docker.ping_interval_s,
+        shutdown.immediate.clone(),
+    ));
+
+    let publisher = PublisherSlot::default();
+    let (events, events_rx) = mpsc::unbounded_channel();
+    tokio::spawn(forward_events(
+        publisher.clone(),
+        Topology::new(&config.amqp.prefix).events_exchange(),
+        events_rx,
+    ));
+    let daemon = Arc::new(Daemon {
         topology: Topology::new(&config.amqp.prefix),
         permits: Arc::new(Semaphore::new(config.worker.concurrency as usize)),
         ctx: Arc::new(JobContext {
             config,
             docker,
             worker,
+            metrics,
         }),
         queues,
         tracker: TaskTracker::new(),
-        in_flight: Arc::new(AtomicUsize::new(0)),
         shutdown,
-    };
+        publisher,
+        jobs: InFlight::default(),
+        events,
+        engine_up,
+    });
     let mut backoff = Duration::from_millis(500);
     loop {
-        match daemon.session().await {
+        match daemon.clone().session().await {
             Ok(()) => break,
             Err(e) => {
-                tracing::error!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "broker session ended; reconnecting");
+                let wait = crate::pipeline::jittered(backoff);
+                tracing::error!(error = %format!("{e:#}"), retry_in_ms = wait.as_millis() as u64, "broker session ended; reconnecting");
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
-                    _ = daemon.shutdown.graceful.cancelled() => break,
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = daemon.shutdown.graceful.cancelled() => {
+                        // No broker to take jobs from: finish what runs (reports wait for a
+                        // reconnect only while the grace period lasts).
+                        daemon.wait_for_jobs().await;
+                        break;
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(30));
             }
@@ -180,20 +296,122 @@ async fn connect_engine(config: &Config, shutdown: &Shutdown) -> Option<bollard:
     }
 }
 
+/// Keeps `engine_up` true to the engine's answers: for /readyz, /metrics, and the consumers,
+/// which stop while the engine is away.
+async fn watch_engine(
+    docker: bollard::Docker,
+    metrics: Arc<crate::metrics::Metrics>,
+    engine_up: watch::Sender<bool>,
+    every_s: u64,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(every_s.max(1)));
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let up = matches!(
+            tokio::time::timeout(Duration::from_secs(5), docker.ping()).await,
+            Ok(Ok(_))
+        );
+        if up != metrics.engine_up() {
+            if up {
+                tracing::info!("the Docker engine answers again");
+            } else {
+                tracing::error!("the Docker engine does not answer");
+            }
+        }
+        metrics.set_engine_up(up);
+        engine_up.send_if_modified(|v| std::mem::replace(v, up) != up);
+    }
+}
+
+/// Running events are best effort: published on the current connection, dropped without one.
+async fn forward_events(
+    publisher: PublisherSlot,
+    exchange: String,
+    mut rx: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+) {
+    while let Some((key, body)) = rx.recv().await {
+        if let Some(p) = publisher.current()
+            && let Err(e) = p
+                .publish(&exchange, &key, &body, BasicProperties::default(), false)
+                .await
+        {
+            tracing::debug!(error = %e, "running event not published");
+        }
+    }
+}
+
+/// The job consumers of one channel, and their tags.
+struct Consumers {
+    deliveries: futures_util::stream::SelectAll<lapin::Consumer>,
+    tags: Vec<String>,
+}
+
 impl Daemon {
     fn worker_event(&self, event: &str) -> Vec<u8> {
         serde_json::to_vec(&json!({
             "event": event,
             "worker": self.ctx.worker,
-            "jobs_in_flight": self.in_flight.load(Ordering::Relaxed),
+            "jobs_in_flight": self.ctx.metrics.in_flight(),
             "concurrency": self.ctx.config.worker.concurrency,
+            "engine_up": *self.engine_up.borrow(),
             "time": insert_time(chrono::Utc::now()),
         }))
         .expect("event serializes")
     }
 
+    async fn consume(&self, channel: &lapin::Channel) -> lapin::Result<Consumers> {
+        let mut consumers = Vec::new();
+        let mut tags = Vec::new();
+        for (cap, pool) in &self.queues {
+            let tag = format!(
+                "{}-{}-{cap}.{pool}-{}",
+                self.ctx.worker.app_label,
+                self.ctx.worker.worker_id,
+                uuid::Uuid::new_v4().simple()
+            );
+            let consumer = channel
+                .basic_consume(
+                    self.topology.job_queue(cap, pool).into(),
+                    tag.clone().into(),
+                    BasicConsumeOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            consumers.push(consumer);
+            tags.push(tag);
+        }
+        Ok(Consumers {
+            deliveries: futures_util::stream::select_all(consumers),
+            tags,
+        })
+    }
+
+    /// Cancels the consumers; deliveries the broker had already sent are returned to the queue.
+    async fn stop_consuming(&self, channel: &lapin::Channel, mut consumers: Consumers) {
+        for tag in &consumers.tags {
+            let _ = channel
+                .basic_cancel(tag.clone().into(), BasicCancelOptions::default())
+                .await;
+        }
+        while let Ok(Some(Ok(d))) =
+            tokio::time::timeout(Duration::from_millis(200), consumers.deliveries.next()).await
+        {
+            let _ = d
+                .acker
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                })
+                .await;
+        }
+    }
+
     /// One broker connection's life. `Ok` means a graceful shutdown was asked for.
-    async fn session(&self) -> anyhow::Result<()> {
+    async fn session(self: Arc<Self>) -> anyhow::Result<()> {
         let config = &self.ctx.config;
         let url = config.amqp_url()?;
         let connection =
@@ -213,47 +431,9 @@ impl Daemon {
         channel
             .basic_qos(config.worker.concurrency, BasicQosOptions::default())
             .await?;
-        let mut consumers = Vec::new();
-        let mut tags = Vec::new();
-        for (cap, pool) in &self.queues {
-            let queue = self.topology.job_queue(cap, pool);
-            let tag = format!(
-                "{}-{}-{cap}.{pool}",
-                self.ctx.worker.app_label, self.ctx.worker.worker_id
-            );
-            let consumer = channel
-                .basic_consume(
-                    queue.into(),
-                    tag.clone().into(),
-                    BasicConsumeOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-            consumers.push(consumer);
-            tags.push(tag);
-        }
-        let mut deliveries = futures_util::stream::select_all(consumers);
-
-        let (events_tx, mut events_rx) = mpsc::unbounded_channel::<(String, Vec<u8>)>();
-        let events_publisher = publisher.clone();
-        let events_exchange = self.topology.events_exchange();
-        let forwarder = tokio::spawn(async move {
-            while let Some((key, body)) = events_rx.recv().await {
-                if let Err(e) = events_publisher
-                    .publish(
-                        &events_exchange,
-                        &key,
-                        &body,
-                        BasicProperties::default(),
-                        false,
-                    )
-                    .await
-                {
-                    tracing::debug!(error = %e, "running event not published");
-                }
-            }
-        });
-
+        let control = self.control_consumer(&channel).await?;
+        let mut control = control;
+        self.publisher.set(Some(publisher.clone()));
         publisher
             .publish(
                 &self.topology.events_exchange(),
@@ -263,13 +443,28 @@ impl Daemon {
                 false,
             )
             .await?;
+        self.ctx.metrics.set_broker_up(true);
+        let mut engine_up = self.engine_up.clone();
+        let mut consumers = if *engine_up.borrow_and_update() {
+            Some(self.consume(&channel).await?)
+        } else {
+            tracing::warn!("the Docker engine does not answer: not taking jobs until it does");
+            None
+        };
         tracing::info!("connected to the broker; consuming");
+        crate::systemd::notify("READY=1\nSTATUS=consuming jobs");
         let mut heartbeat = tokio::time::interval(Duration::from_secs(
             config.worker.heartbeat_interval_s.max(1),
         ));
         heartbeat.tick().await;
 
         let result = loop {
+            let next_delivery = async {
+                match consumers.as_mut() {
+                    Some(c) => c.deliveries.next().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = self.shutdown.graceful.cancelled() => break Ok(()),
                 _ = heartbeat.tick() => {
@@ -280,19 +475,34 @@ impl Daemon {
                         break Err(anyhow::Error::new(e).context("heartbeat not published"));
                     }
                 }
-                delivery = deliveries.next() => match delivery {
+                changed = engine_up.changed() => {
+                    if changed.is_err() {
+                        continue;
+                    }
+                    let up = *engine_up.borrow_and_update();
+                    match (up, consumers.take()) {
+                        (false, Some(c)) => {
+                            tracing::warn!("the Docker engine does not answer: not taking jobs until it does");
+                            self.stop_consuming(&channel, c).await;
+                        }
+                        (true, None) => {
+                            tracing::info!("the Docker engine is back: taking jobs again");
+                            consumers = Some(self.consume(&channel).await?);
+                        }
+                        (_, c) => consumers = c,
+                    }
+                }
+                message = control.next() => match message {
+                    Some(Ok(d)) => self.handle_control(&d.data),
+                    Some(Err(e)) => break Err(anyhow::Error::new(e).context("control consumer failed")),
+                    None => break Err(anyhow::anyhow!("the broker closed the control consumer")),
+                },
+                delivery = next_delivery => match delivery {
                     Some(Ok(delivery)) => {
                         let permit = self.permits.clone().acquire_owned().await.expect("semaphore never closed");
-                        let ctx = self.ctx.clone();
-                        let publisher = publisher.clone();
-                        let topology = self.topology.clone();
-                        let events = events_tx.clone();
-                        let abort = self.shutdown.immediate.clone();
-                        let in_flight = self.in_flight.clone();
-                        in_flight.fetch_add(1, Ordering::Relaxed);
+                        let daemon = self.clone();
                         self.tracker.spawn(async move {
-                            handle_delivery(&ctx, &publisher, &topology, delivery, events, abort).await;
-                            in_flight.fetch_sub(1, Ordering::Relaxed);
+                            daemon.handle_delivery(delivery).await;
                             drop(permit);
                         });
                     }
@@ -302,11 +512,10 @@ impl Daemon {
             }
         };
         if result.is_ok() {
-            // Stop taking jobs; deliveries prefetched but not started go back when the channel closes.
-            for tag in tags {
-                let _ = channel
-                    .basic_cancel(tag.into(), BasicCancelOptions::default())
-                    .await;
+            crate::systemd::notify("STOPPING=1\nSTATUS=finishing running jobs");
+            // Stop taking jobs; what the broker had sent but no job took goes back now.
+            if let Some(c) = consumers.take() {
+                self.stop_consuming(&channel, c).await;
             }
             self.wait_for_jobs().await;
             let _ = publisher
@@ -318,6 +527,7 @@ impl Daemon {
                     false,
                 )
                 .await;
+            self.publisher.set(None);
             let _ = channel
                 .close(200, ShortString::from("worker stopping"))
                 .await;
@@ -325,15 +535,73 @@ impl Daemon {
                 .close(200, ShortString::from("worker stopping"))
                 .await;
         }
-        drop(events_tx);
-        forwarder.abort();
+        self.ctx.metrics.set_broker_up(false);
         result
+    }
+
+    /// An exclusive queue bound to the control exchange: this worker hears every cancel.
+    async fn control_consumer(&self, channel: &lapin::Channel) -> lapin::Result<lapin::Consumer> {
+        let queue = channel
+            .queue_declare(
+                "".into(),
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                queue.name().clone(),
+                self.topology.control_exchange().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .basic_consume(
+                queue.name().clone(),
+                "".into(),
+                BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+    }
+
+    /// `{"action": "cancel", "uuid": "..."}`.
+    fn handle_control(&self, body: &[u8]) {
+        let message: serde_json::Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "control message is not JSON; ignored");
+                return;
+            }
+        };
+        match (
+            message.get("action").and_then(|a| a.as_str()),
+            message.get("uuid").and_then(|u| u.as_str()),
+        ) {
+            (Some("cancel"), Some(uuid)) => {
+                if self.jobs.cancel(uuid) {
+                    tracing::info!(job = %uuid, "cancel requested: stopping the running job");
+                } else {
+                    tracing::info!(job = %uuid, "cancel requested for a job not running here: it will be answered cancelled if it comes");
+                }
+            }
+            _ => tracing::warn!(message = %message, "unknown control message; ignored"),
+        }
     }
 
     /// Lets running jobs finish within the grace period; after it, or on a second signal,
     /// tells them to stop (their messages go back to the queue, unacknowledged).
     async fn wait_for_jobs(&self) {
-        let running = self.in_flight.load(Ordering::Relaxed);
+        let running = self.ctx.metrics.in_flight();
         if running > 0 {
             tracing::info!(
                 running,
@@ -346,7 +614,7 @@ impl Daemon {
         tokio::select! {
             _ = self.tracker.wait() => {}
             _ = tokio::time::sleep(grace) => {
-                tracing::warn!(running = self.in_flight.load(Ordering::Relaxed), "grace period over: returning running jobs to the queue");
+                tracing::warn!(running = self.ctx.metrics.in_flight(), "grace period over: returning running jobs to the queue");
                 self.shutdown.immediate.cancel();
             }
             _ = self.shutdown.immediate.cancelled() => {}
@@ -359,71 +627,225 @@ impl Daemon {
         self.tracker.close();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tracker.wait()).await;
     }
-}
 
-/// One delivery: dead-letter it, or run the job and publish its report; ack last.
-async fn handle_delivery(
-    ctx: &JobContext,
-    publisher: &Publisher,
-    topology: &Topology,
-    delivery: Delivery,
-    events: crate::pipeline::EventSender,
-    abort: CancellationToken,
-) {
-    let source = delivery.routing_key.as_str().to_string();
-    let input = match parse_job(&delivery.data, ctx.config.jobs.max_message_bytes) {
-        Err(rejection) => {
-            let reason = rejection.to_string();
-            tracing::warn!(routing_key = %source, reason = %reason, bytes = delivery.data.len(), "message is not a job: dead-lettered");
-            let props =
-                BasicProperties::default().with_headers(broker::error_headers(&reason, &source));
-            let outcome = publisher
-                .publish("", &topology.dead_queue(), &delivery.data, props, true)
-                .await;
-            settle(&delivery, outcome.map_err(|e| e.to_string()), "dead-letter").await;
-            return;
-        }
-        Ok(input) => input,
-    };
-    let info = DeliveryInfo {
-        redelivered: delivery.redelivered,
-    };
-    let finished = tokio::select! {
-        f = run_job(ctx, input, info, Some(events)) => f,
-        _ = abort.cancelled() => {
-            // Not acknowledged: the broker gives the job to another worker.
-            tracing::warn!(routing_key = %source, "job interrupted by shutdown; returned to the queue");
-            return;
-        }
-    };
-    let report = &finished.report;
-    let key = format!("job.{}.{}", report.job_type, report.status.as_str());
-    let props =
-        BasicProperties::default().with_correlation_id(ShortString::from(report.uuid.clone()));
-    let mut outcome = publisher
-        .publish(
-            &topology.events_exchange(),
-            &key,
-            &finished.json,
-            props.clone(),
-            false,
-        )
-        .await
-        .map_err(|e| e.to_string());
-    if outcome.is_ok()
-        && let Some(reply_to) = delivery.properties.reply_to().as_ref()
-    {
-        // The reply queue may be gone (the submitter left): the event above still holds the report.
-        if let Err(e) = publisher
-            .publish("", reply_to.as_str(), &finished.json, props, false)
-            .await
+    /// One delivery: dead-letter it, or run the job (once, however often it is delivered) and
+    /// publish its report; acknowledge last.
+    async fn handle_delivery(self: Arc<Self>, delivery: Delivery) {
+        let stop = self.shutdown.immediate.clone();
+        let routing_key = delivery.routing_key.as_str().to_string();
+        let input = match parse_job(&delivery.data, self.ctx.config.jobs.max_message_bytes) {
+            Ok(input) => input,
+            Err(rejection) => {
+                let reason = rejection.to_string();
+                tracing::warn!(routing_key = %routing_key, reason = %reason, bytes = delivery.data.len(), "message is not a job: dead-lettered");
+                let props = BasicProperties::default()
+                    .with_headers(broker::error_headers(&reason, &routing_key));
+                let outcome = self
+                    .publisher
+                    .publish_reliably(
+                        "",
+                        &self.topology.dead_queue(),
+                        &delivery.data,
+                        props,
+                        true,
+                        &stop,
+                    )
+                    .await;
+                self.ctx.metrics.dead_lettered();
+                settle(&delivery, outcome.map_err(|e| e.to_string()), "dead-letter").await;
+                return;
+            }
+        };
+        let (uuid, job_type) = match &input {
+            Ok(job) => (job.uuid.clone(), job.job_type),
+            Err(invalid) => (invalid.uuid.clone(), invalid.job_type),
+        };
+        let info = DeliveryInfo {
+            redelivered: delivery.redelivered || broker::was_dead_lettered(&delivery.properties),
+        };
+        let body = delivery.data.clone();
+        let cancel = match self.jobs.admit(&uuid, delivery) {
+            Admission::Run(cancel) => cancel,
+            Admission::Attached => {
+                tracing::info!(job = %uuid, "job delivered again while it runs here: it is not started twice");
+                return;
+            }
+            Admission::Cancelled(delivery) => {
+                let cancelled = CancellationToken::new();
+                cancelled.cancel();
+                let finished = run_job(&self.ctx, input, info, None, &cancelled).await;
+                let reply_to = delivery
+                    .properties
+                    .reply_to()
+                    .as_ref()
+                    .map(|r| r.as_str().to_string());
+                let outcome = self
+                    .publish_report(&finished, reply_to.iter().cloned().collect(), &stop)
+                    .await;
+                settle(&delivery, outcome, "report").await;
+                return;
+            }
+        };
+        if info.redelivered
+            && let Some(stored) = stored_final_report(&self.ctx.config.logs.root, &uuid)
         {
-            tracing::warn!(job = %report.uuid, error = %e, "reply not delivered");
-            outcome = Err(e.to_string());
+            tracing::info!(job = %uuid, status = stored.report.status.as_str(), "redelivered job was already reported: sending its report again, not running it");
+            let outcome = self
+                .publish_report(&stored, self.jobs.reply_to(&uuid), &stop)
+                .await;
+            for d in self.jobs.finish(&uuid) {
+                settle(&d, outcome.clone(), "report").await;
+            }
+            return;
+        }
+
+        self.ctx.metrics.job_started();
+        let started = std::time::Instant::now();
+        let lease_stop = CancellationToken::new();
+        let lease = tokio::spawn(self.clone().keep_lease(
+            uuid.clone(),
+            routing_key,
+            body,
+            lease_stop.clone(),
+        ));
+        let finished = tokio::select! {
+            f = run_job(&self.ctx, input, info, Some(self.events.clone()), &cancel) => f,
+            _ = stop.cancelled() => {
+                // Not acknowledged: the broker gives the job to another worker (or the lease
+                // expires and does).
+                lease_stop.cancel();
+                self.jobs.finish(&uuid);
+                self.ctx.metrics.job_finished(job_type.as_str(), "interrupted", started.elapsed());
+                tracing::warn!(job = %uuid, "job interrupted by shutdown; it goes back to the queue");
+                return;
+            }
+        };
+        lease_stop.cancel();
+        let lease = lease.await.ok().flatten();
+        self.ctx.metrics.job_finished(
+            job_type.as_str(),
+            finished.report.status.as_str(),
+            started.elapsed(),
+        );
+        let outcome = self
+            .publish_report(&finished, self.jobs.reply_to(&uuid), &stop)
+            .await;
+        for d in self.jobs.finish(&uuid) {
+            settle(&d, outcome.clone(), "report").await;
+        }
+        if let (Ok(()), Some(lease)) = (&outcome, lease)
+            && let Some(p) = self.publisher.current()
+            && let Err(e) = lease.release(&p).await
+        {
+            tracing::warn!(job = %uuid, error = %e, queue = lease.queue(), "lease not released; it expires by itself");
         }
     }
-    tracing::info!(job = %report.uuid, status = report.status.as_str(), "report published");
-    settle(&delivery, outcome, "report").await;
+
+    /// The final report: to the events exchange, then to each reply queue; confirmed.
+    async fn publish_report(
+        &self,
+        finished: &Finished,
+        reply_to: Vec<String>,
+        stop: &CancellationToken,
+    ) -> Result<(), String> {
+        let report = &finished.report;
+        let key = format!("job.{}.{}", report.job_type, report.status.as_str());
+        let props =
+            BasicProperties::default().with_correlation_id(ShortString::from(report.uuid.clone()));
+        self.publisher
+            .publish_reliably(
+                &self.topology.events_exchange(),
+                &key,
+                &finished.json,
+                props.clone(),
+                false,
+                stop,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+        for queue in reply_to {
+            // A reply queue that is gone (its submitter left) is not an error: the event holds
+            // the report.
+            self.publisher
+                .publish_reliably("", &queue, &finished.json, props.clone(), false, stop)
+                .await
+                .map_err(|e| e.to_string())?;
+        }
+        tracing::info!(job = %report.uuid, status = report.status.as_str(), "report published");
+        Ok(())
+    }
+
+    /// Hands a long job's message to a lease before the broker's consumer_timeout, and renews
+    /// it until `stop`. Returns the lease, for release once the report is out.
+    async fn keep_lease(
+        self: Arc<Self>,
+        uuid: String,
+        routing_key: String,
+        body: Vec<u8>,
+        stop: CancellationToken,
+    ) -> Option<Lease> {
+        let jobs = &self.ctx.config.jobs;
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(jobs.lease_after_s)) => {}
+            _ = stop.cancelled() => return None,
+        }
+        let lease_len = Duration::from_secs(jobs.lease_s);
+        let reply_to = self.jobs.reply_to(&uuid).into_iter().next();
+        let lease = loop {
+            if let Some(p) = self.publisher.current() {
+                match Lease::take(
+                    &p,
+                    &self.topology,
+                    &uuid,
+                    &routing_key,
+                    &body,
+                    reply_to.as_deref(),
+                    lease_len,
+                )
+                .await
+                {
+                    Ok(lease) => break lease,
+                    Err(e) => tracing::warn!(job = %uuid, error = %e, "cannot take a lease yet"),
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                _ = stop.cancelled() => return None,
+            }
+        };
+        for d in self.jobs.take_deliveries(&uuid) {
+            settle(&d, Ok(()), "lease").await;
+        }
+        tracing::info!(job = %uuid, queue = lease.queue(), lease_s = jobs.lease_s, "long job: its message is now held by a lease");
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(lease_len / 3) => {}
+                _ = stop.cancelled() => return Some(lease),
+            }
+            match self.publisher.current() {
+                Some(p) => {
+                    if let Err(e) = lease.renew(&p).await {
+                        tracing::warn!(job = %uuid, error = %e, "lease not renewed");
+                    }
+                }
+                None => tracing::warn!(job = %uuid, "lease not renewed: no broker connection"),
+            }
+        }
+    }
+}
+
+/// The report of a job that was already reported (its `report.json` in this worker's logs
+/// root), for a redelivered message: sent again rather than run again.
+fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
+    let now = chrono::Utc::now();
+    [now, now - chrono::Duration::days(31)]
+        .iter()
+        .find_map(|at| {
+            let path = crate::joblog::logs_dir_for(root, uuid, *at).join("report.json");
+            let json = std::fs::read(path).ok()?;
+            let report: Report = serde_json::from_slice(&json).ok()?;
+            (report.status != Status::Running).then_some(Finished { report, json })
+        })
 }
 
 async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str) {
@@ -441,6 +863,6 @@ async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str) {
         }
     };
     if let Err(e) = result {
-        tracing::warn!(error = %e, "cannot settle the delivery; the broker will deliver it again");
+        tracing::debug!(error = %e, "cannot settle the delivery (its channel is gone); the broker delivers it again");
     }
 }

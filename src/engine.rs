@@ -278,7 +278,7 @@ pub async fn pull_image(
     Ok(progress.progress())
 }
 
-/// Pushes `repository:tag`; returns the registry digest the engine reports.
+/// Pushes `repository:tag`; returns the registry digest the engine reports and the bytes sent.
 pub async fn push_image(
     docker: &Docker,
     repository: &str,
@@ -286,7 +286,7 @@ pub async fn push_image(
     creds: Option<DockerCredentials>,
     mut on_progress: impl FnMut(Progress),
     mut on_line: impl FnMut(String),
-) -> Result<Option<String>, EngineError> {
+) -> Result<(Option<String>, Progress), EngineError> {
     let options = PushImageOptionsBuilder::default().tag(tag).build();
     let mut stream = docker.push_image(repository, Some(options), creds);
     let mut progress = LayerProgress::default();
@@ -298,7 +298,7 @@ pub async fn push_image(
             .progress_detail
             .map(|p| (p.current, p.total))
             .unwrap_or((None, None));
-        if progress.update(None, &status, current, total) {
+        if progress.update(Some("push"), &status, current, total) {
             on_progress(progress.progress());
         }
         // The last line reads "<tag>: digest: sha256:... size: N".
@@ -309,7 +309,7 @@ pub async fn push_image(
             on_line(status);
         }
     }
-    Ok(digest)
+    Ok((digest, progress.progress()))
 }
 
 /// What a build said: the image id, or why it failed.

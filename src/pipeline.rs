@@ -26,6 +26,7 @@ pub struct JobContext {
     pub config: Config,
     pub docker: Docker,
     pub worker: WorkerInfo,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Why a job failed.
@@ -51,6 +52,58 @@ impl From<EngineError> for JobError {
     fn from(e: EngineError) -> Self {
         Self::new(e.kind.as_str(), e.message, e.kind.retryable())
     }
+}
+
+/// Runs a registry operation, trying again with capped exponential backoff and jitter when it
+/// failed transiently (unreachable, 5xx, 429); never when it cannot succeed (401/403, unknown
+/// manifest, bad reference). Each try is in the job log.
+pub async fn with_registry_retries<T, F, Fut>(
+    ctx: &JobContext,
+    log: &JobLog,
+    what: &str,
+    mut op: F,
+) -> Result<T, EngineError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, EngineError>>,
+{
+    let mut delay = Duration::from_millis(ctx.config.jobs.retry_backoff_ms.max(1));
+    let mut attempt = 1;
+    loop {
+        match op().await {
+            Ok(value) => return Ok(value),
+            Err(e)
+                if attempt <= ctx.config.jobs.registry_retries
+                    && matches!(
+                        e.kind,
+                        crate::engine::EngineErrorKind::RegistryUnreachable
+                            | crate::engine::EngineErrorKind::RegistryError
+                    ) =>
+            {
+                let wait = jittered(delay);
+                log.warn(format!(
+                    "{what}: try {attempt} failed ({}): {}; trying again in {} ms",
+                    e.kind.as_str(),
+                    e.message,
+                    wait.as_millis()
+                ));
+                ctx.metrics.retried();
+                tokio::time::sleep(wait).await;
+                delay = (delay * 2).min(Duration::from_secs(30));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `d` plus up to half of it again, so workers that failed together do not retry together.
+pub fn jittered(d: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|t| t.subsec_nanos())
+        .unwrap_or(0);
+    d + d.mul_f64((nanos % 1000) as f64 / 2000.0)
 }
 
 /// An event leaving a job: routing key and body, for whoever publishes (the broker, or nobody).
@@ -125,6 +178,7 @@ pub async fn run_job(
     input: Result<Job, InvalidJob>,
     delivery: DeliveryInfo,
     events: Option<EventSender>,
+    cancel: &tokio_util::sync::CancellationToken,
 ) -> Finished {
     let started = Utc::now();
     let (uuid, job_type, raw) = match &input {
@@ -173,14 +227,17 @@ pub async fn run_job(
         Err(invalid) => Err(JobError::new("invalid_job", invalid.message.clone(), false)),
         Ok(job) => {
             let limit = job.timeout(ctx.config.jobs.default_timeout_s);
-            match tokio::time::timeout(limit, run_steps(ctx, job, &log, &events, &mut report)).await
-            {
-                Ok(result) => result,
-                Err(_) => Err(JobError::new(
-                    "timeout",
-                    format!("the job did not finish within {} s", limit.as_secs()),
-                    true,
-                )),
+            // Dropping the steps' future drops the engine requests, which stops the engine's work.
+            tokio::select! {
+                result = tokio::time::timeout(limit, run_steps(ctx, job, &log, &events, &mut report)) => match result {
+                    Ok(result) => result,
+                    Err(_) => Err(JobError::new(
+                        "timeout",
+                        format!("the job did not finish within {} s", limit.as_secs()),
+                        true,
+                    )),
+                },
+                _ = cancel.cancelled() => Err(JobError::new("cancelled", "the job was cancelled", false)),
             }
         }
     };
@@ -192,6 +249,15 @@ pub async fn run_job(
                 "job successful in {:.1} s",
                 (finished - started).num_milliseconds() as f64 / 1000.0
             ));
+        }
+        Err(e) if e.kind == "cancelled" => {
+            report.status = Status::Cancelled;
+            log.warn("job cancelled");
+            report.error = Some(ErrorInfo {
+                kind: e.kind.to_string(),
+                message: e.message,
+                retryable: false,
+            });
         }
         Err(e) => {
             report.status = Status::Failed;

@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::engine::{self, EngineError};
 use crate::job::Job;
 use crate::joblog::JobLog;
-use crate::pipeline::{self, JobContext, JobError, JobEvents};
+use crate::pipeline::{self, JobContext, JobError, JobEvents, with_registry_retries};
 use crate::reference;
 use crate::report::{Progress, Report};
 
@@ -50,17 +50,21 @@ pub async fn run_pull(
         ));
         events.running("pulling", Progress::default());
         let started = Instant::now();
-        let pulled = engine::pull_image(
-            &ctx.docker,
-            &repository,
-            &tag_or_digest,
-            job.platform.as_deref(),
-            engine::credentials(registry, username.as_deref(), password.as_deref()),
-            |p| events.running("pulling", p),
-            |line| log.info(line),
-        )
+        let creds = engine::credentials(registry, username.as_deref(), password.as_deref());
+        let pulled = with_registry_retries(ctx, log, &format!("pulling {reference}"), || {
+            engine::pull_image(
+                &ctx.docker,
+                &repository,
+                &tag_or_digest,
+                job.platform.as_deref(),
+                creds.clone(),
+                |p| events.running("pulling", p),
+                |line| log.info(line),
+            )
+        })
         .await
         .map_err(|e| pull_error(e, &reference))?;
+        ctx.metrics.add_bytes_pulled(pulled.current);
         log.info(format!(
             "pulled {reference}: {} bytes downloaded in {:.1} s",
             pulled.current,
@@ -155,13 +159,21 @@ async fn push_to_mirror(
         ),
         None => (None, None),
     };
-    let digest = engine::push_image(
-        &ctx.docker,
-        &target_repo,
-        &job.tag,
-        engine::credentials(registry, username.as_deref(), password.as_deref()),
-        |p| events.running("pushing", p),
-        |line| log.info(line),
+    let creds = engine::credentials(registry, username.as_deref(), password.as_deref());
+    let (digest, pushed) = with_registry_retries(
+        ctx,
+        log,
+        &format!("pushing {target_repo}:{}", job.tag),
+        || {
+            engine::push_image(
+                &ctx.docker,
+                &target_repo,
+                &job.tag,
+                creds.clone(),
+                |p| events.running("pushing", p),
+                |line| log.info(line),
+            )
+        },
     )
     .await
     .map_err(|e| {
@@ -172,6 +184,7 @@ async fn push_to_mirror(
         );
         err
     })?;
+    ctx.metrics.add_bytes_pushed(pushed.current);
     report.push_url = namespace;
     report.image = Some(format!("{target_repo}:{}", job.tag));
     if digest.is_some() {

@@ -127,7 +127,7 @@ async fn pull_job_over_amqp_reports_the_seed_record() {
     assert_eq!(report["data"]["default_credential"], true);
 
     // Events: running phases, then the final event on job.pull.successful.
-    broker.drain_events(Duration::from_millis(500)).await;
+    broker.drain_events(Duration::from_millis(1500)).await;
     let keys = broker.seen_keys();
     assert!(keys.contains(&"job.pull.running".to_string()), "{keys:?}");
     assert!(
@@ -498,4 +498,46 @@ fn seed_copy_matches_the_shared_contract() {
             assert!(text.contains(&format!("\"{key}\"")), "seed lacks {key}");
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_by_digest_and_platform() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let first = pull_job("basic");
+    broker.publish_job(&first).await;
+    let r1 = broker
+        .wait_reply(first["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    let digest = r1["digest"].as_str().unwrap().to_string();
+
+    let mut by_digest = pull_job("basic");
+    by_digest["digest"] = json!(digest);
+    by_digest["platform"] = json!("linux/amd64");
+    by_digest["discover"] = json!(false);
+    broker.publish_job(&by_digest).await;
+    let r2 = broker
+        .wait_reply(by_digest["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r2["status"], "successful", "{r2:#}");
+    assert_eq!(r2["digest"], digest.as_str());
+    assert_eq!(
+        r2["image"],
+        format!("{OPEN_REGISTRY}/fixtures/basic@{digest}")
+    );
+    assert_eq!(r2["image_id"], r1["image_id"]);
+    // discover: false leaves jobs and manifests empty and says so in the log.
+    assert_eq!(r2["jobs"], json!([]));
+    assert_eq!(r2["discovery"], Value::Null);
+    assert!(r2["logs"].as_str().unwrap().contains("discovery skipped"));
+
+    // A digest the registry does not have: not_found.
+    let mut unknown = pull_job("basic");
+    unknown["digest"] = json!(format!("sha256:{}", "0".repeat(64)));
+    broker.publish_job(&unknown).await;
+    let r3 = broker
+        .wait_reply(unknown["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r3["status"], "failed");
+    assert_eq!(r3["error"]["kind"], "not_found", "{r3:#}");
 }

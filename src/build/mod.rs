@@ -129,20 +129,24 @@ pub async fn build_push_discover(
         }
     ));
     events.running("pushing", Progress::default());
-    let digest = engine::push_image(
-        &ctx.docker,
-        &build.repository,
-        &build.tag,
-        engine::credentials(&registry, username.as_deref(), password.as_deref()),
-        |p| events.running("pushing", p),
-        |line| log.info(line),
-    )
+    let creds = engine::credentials(&registry, username.as_deref(), password.as_deref());
+    let (digest, pushed) = pipeline::with_registry_retries(ctx, log, &format!("pushing {reference}"), || {
+        engine::push_image(
+            &ctx.docker,
+            &build.repository,
+            &build.tag,
+            creds.clone(),
+            |p| events.running("pushing", p),
+            |line| log.info(line),
+        )
+    })
     .await
     .map_err(|e| {
         let mut err = JobError::from(e);
         err.message = format!("pushing {reference} failed: {}", err.message);
         err
     })?;
+    ctx.metrics.add_bytes_pushed(pushed.current);
 
     let inspect = engine::inspect_image(&ctx.docker, &reference)
         .await?

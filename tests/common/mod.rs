@@ -124,7 +124,7 @@ impl Worker {
         let config = format!(
             "worker:\n  site: TEST\n  bldg: TEST-1\n  concurrency: {}\n  heartbeat_interval_s: 1\n  shutdown_grace_s: 20\n  service_url: http://127.0.0.1:0/workers/api/v1\n\
              amqp:\n  url: {AMQP_URL}\n  prefix: {prefix}\n\
-             logs:\n  root: {}\n{}",
+             logs:\n  root: {}\nhttp:\n  listen: 127.0.0.1:0\n{}",
             options.concurrency.unwrap_or(2),
             logs_root.display(),
             options.extra_yaml
@@ -177,6 +177,32 @@ impl Worker {
             "worker did not log {needle:?} within {timeout:?}:\n{}",
             self.log_text()
         );
+    }
+
+    /// The address of the worker's HTTP endpoint, from its start-up log line.
+    pub fn http_addr(&self) -> String {
+        let log = self.log_text();
+        let line = log
+            .lines()
+            .find(|l| l.contains("http endpoint listening"))
+            .expect("the worker logs its http address");
+        let start = line.find("address=").expect("address field") + "address=".len();
+        line[start..].split_whitespace().next().unwrap().to_string()
+    }
+
+    /// GET `path` on the worker's HTTP endpoint: (status code, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        use std::io::Write;
+        let mut s = std::net::TcpStream::connect(self.http_addr()).unwrap();
+        write!(s, "GET {path} HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        let code = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        (code, body)
     }
 
     pub fn pid(&self) -> u32 {

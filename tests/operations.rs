@@ -1,0 +1,127 @@
+//! What operators see: health, readiness, metrics, worker events, graceful stop.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics() {
+    let mut worker = Worker::start(WorkerOptions::default());
+    assert_eq!(worker.http_get("/healthz"), (200, "ok\n".to_string()));
+    let (code, body) = worker.http_get("/readyz");
+    assert_eq!((code, body.as_str()), (200, "broker: up\nengine: up\n"));
+    assert_eq!(worker.http_get("/nope").0, 404);
+
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let job = pull_job("basic");
+    broker.publish_job(&job).await;
+    let report = broker
+        .wait_reply(job["uuid"].as_str().unwrap(), Duration::from_secs(120))
+        .await;
+    assert_eq!(report["status"], "successful");
+    broker.publish_raw("general", b"not json", "x").await;
+    assert!(broker.get_dead(Duration::from_secs(30)).await.is_some());
+
+    // The dead letter is visible in its queue a moment before the worker has counted it.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        let (code, body) = worker.http_get("/metrics");
+        assert_eq!(code, 200);
+        metrics = body;
+        if metrics.contains("image_worker_dead_lettered_total 1\n") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        metrics.contains("image_worker_jobs_total{type=\"pull\",status=\"successful\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("image_worker_job_duration_seconds_count{type=\"pull\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("image_worker_jobs_in_flight 0\n"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("image_worker_dead_lettered_total 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("image_worker_broker_up 1\n"), "{metrics}");
+    assert!(metrics.contains("image_worker_engine_up 1\n"), "{metrics}");
+
+    // Heartbeats come every second (heartbeat_interval_s: 1 in the test config).
+    broker.drain_events(Duration::from_millis(1500)).await;
+    // Graceful stop: worker.offline is published and the process exits 0.
+    worker.signal("TERM");
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0));
+    broker.drain_events(Duration::from_millis(500)).await;
+    let keys = broker.seen_keys();
+    assert!(keys.contains(&"worker.offline".to_string()), "{keys:?}");
+    let heartbeat: serde_json::Value = broker
+        .seen
+        .iter()
+        .find(|(k, _)| k == "worker.heartbeat")
+        .map(|(_, b)| serde_json::from_slice(b).unwrap())
+        .expect("a heartbeat");
+    assert_eq!(heartbeat["worker"]["site"], "TEST");
+    assert!(heartbeat["jobs_in_flight"].is_u64());
+}
+
+#[test]
+fn systemd_unit_verifies() {
+    // systemd-analyze checks the unit's syntax and that ExecStart is executable; point it at
+    // the binary this test run built.
+    let unit = std::fs::read_to_string(repo_root().join("systemd/image-worker.service")).unwrap();
+    for key in [
+        "Type=notify",
+        "WatchdogSec=",
+        "Restart=on-failure",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "SupplementaryGroups=docker",
+        "EnvironmentFile=",
+        "ReadWritePaths=",
+    ] {
+        assert!(unit.contains(key), "the unit lacks {key}");
+    }
+    // The stop timeout leaves room for the default grace period (60 s).
+    let stop: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec")
+        .parse()
+        .unwrap();
+    assert!(stop > image_worker::config::WorkerConfig::default().shutdown_grace_s);
+    let dir = std::env::temp_dir().join(unique("iw-unit"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("image-worker.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/local/bin/image-worker",
+            env!("CARGO_BIN_EXE_image-worker"),
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}
