@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, against the real services: installs and starts them (scripts/services.sh),
-# builds and pushes the fixture images (scripts/fixtures.sh), then runs every unit and end-to-end
+# builds and pushes the fixture images (scripts/fixtures.sh) and the Python base image of the
+# build tests (scripts/base-image.sh), then runs every unit and end-to-end
 # test with cargo. Idempotent; safe on a fresh machine and on a warm one.
 set -euo pipefail
 cd "$(dirname "$0")/.."

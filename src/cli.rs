@@ -471,7 +471,13 @@ async fn submit_pull(args: PullArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The fields every job has, from the command line.
-fn base_job(uuid: Option<String>, job_type: &str, group: String, name: String, tag: String) -> Map<String, Value> {
+fn base_job(
+    uuid: Option<String>,
+    job_type: &str,
+    group: String,
+    name: String,
+    tag: String,
+) -> Map<String, Value> {
     let mut job = Map::new();
     job.insert(
         "uuid".into(),
@@ -517,7 +523,13 @@ async fn submit_build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         std::fs::read_to_string(&args.yaml_file)
             .with_context(|| format!("reading {}", args.yaml_file))?
     };
-    let mut job = base_job(args.build.uuid.clone(), "build", args.group, args.name, args.tag);
+    let mut job = base_job(
+        args.build.uuid.clone(),
+        "build",
+        args.group,
+        args.name,
+        args.tag,
+    );
     job.insert("push_url".into(), Value::from(args.push_url));
     job.insert("yaml_content".into(), Value::from(yaml));
     put_build_common(&mut job, args.build)?;

@@ -451,7 +451,11 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("discovery.match: {e}")))?;
         }
         if !self.build.base_image_template.contains("{python}")
-            || self.build.base_image_template.chars().any(char::is_whitespace)
+            || self
+                .build
+                .base_image_template
+                .chars()
+                .any(char::is_whitespace)
         {
             return Err(ConfigError::Invalid(
                 "build.base_image_template must contain {python} and no whitespace".into(),

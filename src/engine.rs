@@ -315,9 +315,13 @@ pub async fn push_image(
 /// What a build said: the image id, or why it failed.
 #[derive(Debug)]
 pub enum BuildOutcome {
-    Built { image_id: Option<String> },
+    Built {
+        image_id: Option<String>,
+    },
     /// A build step failed (the engine's message); the output told why.
-    Failed { message: String },
+    Failed {
+        message: String,
+    },
 }
 
 /// Builds an image from an in-memory context (a tar) with the legacy builder. Every line of

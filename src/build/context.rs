@@ -114,9 +114,7 @@ impl ContextTar {
         self.claim(path)?;
         self.charge(0)?;
         let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
-        self.tar
-            .append_link(&mut h, path, target)
-            .map_err(internal)
+        self.tar.append_link(&mut h, path, target).map_err(internal)
     }
 
     /// Adds the tree at `dir` under `prefix`, without following symlinks; `.git` is left out
@@ -209,7 +207,15 @@ mod tests {
             .unwrap()
             .map(|e| e.unwrap().path().unwrap().display().to_string())
             .collect();
-        assert_eq!(names, ["workspace/", "workspace/a/", "workspace/a/b.txt", "workspace/run.sh"]);
+        assert_eq!(
+            names,
+            [
+                "workspace/",
+                "workspace/a/",
+                "workspace/a/b.txt",
+                "workspace/run.sh"
+            ]
+        );
 
         let mut small = ContextTar::new(2000);
         let e = small.file("big", &[0u8; 4096], false).unwrap_err();

@@ -22,9 +22,9 @@ pub fn allowed_local_path(path: &Path, allow: &[PathBuf]) -> Result<PathBuf, Job
             path.display()
         )));
     }
-    let canonical = path.canonicalize().map_err(|e| {
-        invalid(format!("{}: {e}", path.display()))
-    })?;
+    let canonical = path
+        .canonicalize()
+        .map_err(|e| invalid(format!("{}: {e}", path.display())))?;
     let inside = allow.iter().any(|dir| {
         dir.canonicalize()
             .is_ok_and(|dir| canonical.starts_with(&dir))
@@ -64,14 +64,21 @@ pub async fn download(
     let response = client.get(parsed).send().await.map_err(|e| {
         JobError::new(
             "fetch",
-            format!("downloading {shown}: {}", crate::secrets::mask_url_credentials(&e.to_string())),
+            format!(
+                "downloading {shown}: {}",
+                crate::secrets::mask_url_credentials(&e.to_string())
+            ),
             true,
         )
     })?;
     let status = response.status();
     if !status.is_success() {
         return Err(JobError::new(
-            if status.is_server_error() { "fetch" } else { "not_found" },
+            if status.is_server_error() {
+                "fetch"
+            } else {
+                "not_found"
+            },
             format!("downloading {shown}: the server answered {status}"),
             status.is_server_error(),
         ));
@@ -84,9 +91,8 @@ pub async fn download(
     let mut body = Vec::new();
     let mut stream = response.bytes_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| {
-            JobError::new("fetch", format!("downloading {shown}: {e}"), true)
-        })?;
+        let chunk =
+            chunk.map_err(|e| JobError::new("fetch", format!("downloading {shown}: {e}"), true))?;
         body.extend_from_slice(&chunk);
         if body.len() as u64 > max_bytes {
             return Err(invalid(format!(
@@ -126,7 +132,11 @@ mod tests {
         ] {
             let e = allowed_local_path(&bad, &allow).unwrap_err();
             assert_eq!(e.kind, "invalid_job");
-            assert!(e.message.contains("outside the directories"), "{}: {e}", bad.display());
+            assert!(
+                e.message.contains("outside the directories"),
+                "{}: {e}",
+                bad.display()
+            );
         }
         let e = allowed_local_path(&allowed.join("ok.txt"), &[]).unwrap_err();
         assert!(e.message.contains("build.files_allow is empty"), "{e}");

@@ -268,9 +268,8 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<BuildFile, BuildFileError> 
             "YAML anchors and aliases (&name, *name) are not allowed in a build file".to_string(),
         );
     }
-    let value: Value = serde_yaml::from_str(text).map_err(|e| {
-        BuildFileError(format!("it is not valid YAML: {e}"))
-    })?;
+    let value: Value = serde_yaml::from_str(text)
+        .map_err(|e| BuildFileError(format!("it is not valid YAML: {e}")))?;
     let map = match value {
         Value::Mapping(m) => m,
         Value::Null => Mapping::new(),
@@ -291,8 +290,8 @@ pub fn parse(text: &str, max_bytes: usize) -> Result<BuildFile, BuildFileError> 
             KNOWN_KEYS.join(", ")
         ));
     }
-    let raw: RawBuildFile = serde_yaml::from_value(Value::Mapping(map))
-        .map_err(|e| BuildFileError(e.to_string()))?;
+    let raw: RawBuildFile =
+        serde_yaml::from_value(Value::Mapping(map)).map_err(|e| BuildFileError(e.to_string()))?;
     check(raw)
 }
 
@@ -310,7 +309,8 @@ fn uses_aliases(text: &str) -> bool {
                 '"' if !in_single && prev != Some('\\') => in_double = !in_double,
                 '#' if !in_single && !in_double && prev.is_none_or(char::is_whitespace) => break,
                 '&' | '*' if !in_single && !in_double => {
-                    let at_token_start = prev.is_none_or(|p| p.is_whitespace() || "[{,:-".contains(p));
+                    let at_token_start =
+                        prev.is_none_or(|p| p.is_whitespace() || "[{,:-".contains(p));
                     let named = chars
                         .peek()
                         .is_some_and(|n| !n.is_whitespace() && !",[]{}".contains(*n));
@@ -494,11 +494,12 @@ fn check(raw: RawBuildFile) -> Result<BuildFile, BuildFileError> {
             let ok = !c.is_empty()
                 && !c.starts_with('-')
                 && c.len() <= 255
-                && c
-                    .chars()
+                && c.chars()
                     .all(|ch| ch.is_ascii_alphanumeric() || "._/-".contains(ch));
             if !ok {
-                return err(format!("{what}.commit_id {c:?} is not a commit, branch or tag"));
+                return err(format!(
+                    "{what}.commit_id {c:?} is not a commit, branch or tag"
+                ));
             }
         }
         if let Some(c) = &repo.credentials {
@@ -531,8 +532,20 @@ fn check(raw: RawBuildFile) -> Result<BuildFile, BuildFileError> {
         single_line(&format!("proxy.{name}"), value)?;
     }
 
-    let cmds_pre = raw.cmds.pre.as_deref().map(|c| shell_command("cmds.pre", c)).transpose()?.flatten();
-    let cmds_post = raw.cmds.post.as_deref().map(|c| shell_command("cmds.post", c)).transpose()?.flatten();
+    let cmds_pre = raw
+        .cmds
+        .pre
+        .as_deref()
+        .map(|c| shell_command("cmds.pre", c))
+        .transpose()?
+        .flatten();
+    let cmds_post = raw
+        .cmds
+        .post
+        .as_deref()
+        .map(|c| shell_command("cmds.post", c))
+        .transpose()?
+        .flatten();
 
     let pip_config = raw.pip_config.as_ref().map(pip_conf).transpose()?;
 
@@ -553,7 +566,10 @@ fn check(raw: RawBuildFile) -> Result<BuildFile, BuildFileError> {
             Some(if list.len() == 1 {
                 list[0].clone()
             } else {
-                list.iter().map(|m| format!("(?:{m})")).collect::<Vec<_>>().join("|")
+                list.iter()
+                    .map(|m| format!("(?:{m})"))
+                    .collect::<Vec<_>>()
+                    .join("|")
             })
         }
     };
@@ -654,12 +670,16 @@ fn pip_conf(value: &Value) -> Result<String, BuildFileError> {
                     return err(format!("pip-config: bad section name {section:?}"));
                 }
                 let Value::Mapping(entries) = entries else {
-                    return err(format!("pip-config.{section}: expected a mapping of options"));
+                    return err(format!(
+                        "pip-config.{section}: expected a mapping of options"
+                    ));
                 };
                 out.push_str(&format!("[{section}]\n"));
                 for (k, v) in entries {
                     let Value::String(k) = k else {
-                        return err(format!("pip-config.{section}: option names must be strings"));
+                        return err(format!(
+                            "pip-config.{section}: option names must be strings"
+                        ));
                     };
                     if k.contains(['=', ':', '\n', '\r', '[']) || k.trim().is_empty() {
                         return err(format!("pip-config.{section}: bad option name {k:?}"));
@@ -669,11 +689,19 @@ fn pip_conf(value: &Value) -> Result<String, BuildFileError> {
                             .iter()
                             .map(|i| serde_yaml::from_value::<Scalar>(i.clone()).map(|s| s.text()))
                             .collect::<Result<Vec<_>, _>>()
-                            .map_err(|_| BuildFileError(format!("pip-config.{section}.{k}: list items must be scalars")))?
+                            .map_err(|_| {
+                                BuildFileError(format!(
+                                    "pip-config.{section}.{k}: list items must be scalars"
+                                ))
+                            })?
                             .join("\n"),
                         other => serde_yaml::from_value::<Scalar>(other.clone())
                             .map(|s| s.text())
-                            .map_err(|_| BuildFileError(format!("pip-config.{section}.{k}: expected a scalar or a list")))?,
+                            .map_err(|_| {
+                                BuildFileError(format!(
+                                    "pip-config.{section}.{k}: expected a scalar or a list"
+                                ))
+                            })?,
                     };
                     // Continuation lines of an ini value are indented.
                     let text = text.trim().replace('\r', "").replace('\n', "\n    ");
@@ -700,7 +728,10 @@ pub fn secret_values(text: &str) -> Vec<String> {
     // A file that does not parse is still echoed: take `password:`/`ssh_key:` values by line.
     static LINE: std::sync::OnceLock<regex::Regex> = std::sync::OnceLock::new();
     let re = LINE.get_or_init(|| {
-        regex::Regex::new(r##"(?m)^\s*(?:password|ssh_key|token)\s*:\s*['"]?([^'"\s#][^'"#]*?)['"]?\s*$"##).unwrap()
+        regex::Regex::new(
+            r##"(?m)^\s*(?:password|ssh_key|token)\s*:\s*['"]?([^'"\s#][^'"#]*?)['"]?\s*$"##,
+        )
+        .unwrap()
     });
     for cap in re.captures_iter(text) {
         out.push(cap[1].to_string());
@@ -845,7 +876,9 @@ jobfiles:
         assert_eq!(f.packages.len(), 2);
         assert_eq!(
             f.pip_config.as_deref(),
-            Some("[global]\ndisable-pip-version-check = 1\ntrusted-host = a.example\n    b.example\n\n")
+            Some(
+                "[global]\ndisable-pip-version-check = 1\ntrusted-host = a.example\n    b.example\n\n"
+            )
         );
         assert_eq!(f.repositories[1].name, "dir/repo2");
         assert_eq!(f.repositories[0].commit_id.as_deref(), Some("abcd1234"));
@@ -900,9 +933,18 @@ jobfiles:
             ("cmds: {pre: \"true\\nCOPY / /host\"}", "cmds.pre"),
             ("cmds: {post: \"true\\rFROM x\"}", "cmds.post"),
             ("files: [{\"a\\nRUN x\": \"https://h/f\"}]", "files[0]"),
-            ("repositories: {\"r\\nRUN x\": {url: https://h/r.git}}", "repositories"),
-            ("repositories: {r: {url: \"https://h/r.git\\nRUN x\"}}", "repositories.r.url"),
-            ("proxy: {HTTP_PROXY: \"http://p\\nRUN x\"}", "proxy.HTTP_PROXY"),
+            (
+                "repositories: {\"r\\nRUN x\": {url: https://h/r.git}}",
+                "repositories",
+            ),
+            (
+                "repositories: {r: {url: \"https://h/r.git\\nRUN x\"}}",
+                "repositories.r.url",
+            ),
+            (
+                "proxy: {HTTP_PROXY: \"http://p\\nRUN x\"}",
+                "proxy.HTTP_PROXY",
+            ),
             ("jobfiles: {paths: [\"a\\nb\"]}", "jobfiles.paths"),
         ] {
             let e = refused(text);
@@ -914,19 +956,46 @@ jobfiles:
     #[test]
     fn destinations_stay_in_the_workspace() {
         for (text, want) in [
-            ("files: [{../../etc/passwd: \"https://h/f\"}]", "leaves the workspace"),
-            ("files: [{a/../../x: \"https://h/f\"}]", "leaves the workspace"),
+            (
+                "files: [{../../etc/passwd: \"https://h/f\"}]",
+                "leaves the workspace",
+            ),
+            (
+                "files: [{a/../../x: \"https://h/f\"}]",
+                "leaves the workspace",
+            ),
             ("files: [{/etc/x: \"https://h/f\"}]", "absolute"),
             ("files: [\"https://h/\"]", "empty path"),
             ("files: [\"https://h/..\"]", "empty path"),
-            ("files: [{installation/jobfiles.txt: \"https://h/f\"}]", "installation/"),
-            ("repositories: {../up: {url: https://h/r.git}}", "leaves the workspace"),
+            (
+                "files: [{installation/jobfiles.txt: \"https://h/f\"}]",
+                "installation/",
+            ),
+            (
+                "repositories: {../up: {url: https://h/r.git}}",
+                "leaves the workspace",
+            ),
             ("repositories: {/abs: {url: https://h/r.git}}", "absolute"),
-            ("repositories: {.: {url: https://h/r.git}}", "workspace itself"),
-            ("repositories: {r: {url: https://h/r.git}, r/sub: {url: https://h/s.git}}", "inside r"),
-            ("files: [{x: \"https://h/a\"}, {x: \"https://h/b\"}]", "already taken"),
-            ("repositories: {r: {url: '--upload-pack=touch /x'}}", "not a git URL"),
-            ("repositories: {r: {url: u, commit_id: '--orphan'}}", "commit_id"),
+            (
+                "repositories: {.: {url: https://h/r.git}}",
+                "workspace itself",
+            ),
+            (
+                "repositories: {r: {url: https://h/r.git}, r/sub: {url: https://h/s.git}}",
+                "inside r",
+            ),
+            (
+                "files: [{x: \"https://h/a\"}, {x: \"https://h/b\"}]",
+                "already taken",
+            ),
+            (
+                "repositories: {r: {url: '--upload-pack=touch /x'}}",
+                "not a git URL",
+            ),
+            (
+                "repositories: {r: {url: u, commit_id: '--orphan'}}",
+                "commit_id",
+            ),
         ] {
             let e = refused(text);
             assert!(e.contains(want), "{text}: {e}");
@@ -940,10 +1009,19 @@ jobfiles:
     #[test]
     fn file_sources_are_urls_or_absolute_paths() {
         for (text, want) in [
-            ("files: [\"scp://host/etc/passwd\"]", "scp:// is not supported"),
-            ("files: [\"file:///etc/passwd\"]", "file:// is not supported"),
+            (
+                "files: [\"scp://host/etc/passwd\"]",
+                "scp:// is not supported",
+            ),
+            (
+                "files: [\"file:///etc/passwd\"]",
+                "file:// is not supported",
+            ),
             ("files: [\"ftp://host/x\"]", "ftp:// is not supported"),
-            ("files: [\"relative/path\"]", "neither an http(s) URL nor an absolute path"),
+            (
+                "files: [\"relative/path\"]",
+                "neither an http(s) URL nor an absolute path",
+            ),
         ] {
             let e = refused(text);
             assert!(e.contains(want), "{text}: {e}");
@@ -953,7 +1031,14 @@ jobfiles:
     /// Security: cmds are shell commands for RUN, never other instructions.
     #[test]
     fn cmds_are_shell_commands_only() {
-        for cmd in ["FROM scratch", "COPY / /host", "ADD . /x", "ENV A=1", "ENTRYPOINT x", "USER root"] {
+        for cmd in [
+            "FROM scratch",
+            "COPY / /host",
+            "ADD . /x",
+            "ENV A=1",
+            "ENTRYPOINT x",
+            "USER root",
+        ] {
             let e = refused(&format!("cmds: {{pre: '{cmd}'}}"));
             assert!(e.contains("Dockerfile instruction"), "{cmd}: {e}");
         }
@@ -974,7 +1059,12 @@ jobfiles:
     fn finds_secrets_even_in_broken_files() {
         let text = "repositories:\n  r:\n    url: https://h/r.git\n    credentials: {username: robot-user, password: s3cret-pw}\n    ssh_key: |\n      -----BEGIN OPENSSH PRIVATE KEY-----\n      b3BlbnNzaC1rZXktdjEAAAAA\n      -----END OPENSSH PRIVATE KEY-----\nproxy: {HTTP_PROXY: 'http://u:proxy-pw@p:3128'}\n";
         let s = secret_values(text);
-        for want in ["robot-user", "s3cret-pw", "b3BlbnNzaC1rZXktdjEAAAAA", "proxy-pw"] {
+        for want in [
+            "robot-user",
+            "s3cret-pw",
+            "b3BlbnNzaC1rZXktdjEAAAAA",
+            "proxy-pw",
+        ] {
             assert!(s.iter().any(|v| v == want), "{want} in {s:?}");
         }
         let broken = "repositories: [\n  password: 'very-secret-1'\n";

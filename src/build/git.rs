@@ -62,15 +62,31 @@ pub struct Git {
 impl Git {
     /// Git for a build file's repositories: no user or system config, no credential helpers,
     /// no prompts, only well-known transports (`file` only when `allow_file`).
-    pub fn isolated(scratch: &Scratch, auth: &GitAuth<'_>, allow_file: bool) -> Result<Self, JobError> {
+    pub fn isolated(
+        scratch: &Scratch,
+        auth: &GitAuth<'_>,
+        allow_file: bool,
+    ) -> Result<Self, JobError> {
         let home = scratch.path().join("home");
-        std::fs::create_dir_all(&home).map_err(|e| JobError::new("internal", e.to_string(), false))?;
+        std::fs::create_dir_all(&home)
+            .map_err(|e| JobError::new("internal", e.to_string(), false))?;
         let mut env = vec![
             ("GIT_TERMINAL_PROMPT".to_string(), "0".to_string()),
             ("GIT_CONFIG_NOSYSTEM".to_string(), "1".to_string()),
             ("GIT_CONFIG_GLOBAL".to_string(), "/dev/null".to_string()),
-            ("GIT_ALLOW_PROTOCOL".to_string(), if allow_file { "https:http:ssh:git:file" } else { "https:http:ssh:git" }.to_string()),
-            ("GIT_SSH_COMMAND".to_string(), "ssh -o BatchMode=yes".to_string()),
+            (
+                "GIT_ALLOW_PROTOCOL".to_string(),
+                if allow_file {
+                    "https:http:ssh:git:file"
+                } else {
+                    "https:http:ssh:git"
+                }
+                .to_string(),
+            ),
+            (
+                "GIT_SSH_COMMAND".to_string(),
+                "ssh -o BatchMode=yes".to_string(),
+            ),
         ];
         if auth.username.is_some() || auth.password.is_some() {
             let askpass = scratch.path().join("askpass.sh");
@@ -80,8 +96,14 @@ impl Git {
                 0o700,
             )?;
             env.push(("GIT_ASKPASS".into(), askpass.display().to_string()));
-            env.push(("IW_GIT_USERNAME".into(), auth.username.unwrap_or_default().to_string()));
-            env.push(("IW_GIT_PASSWORD".into(), auth.password.unwrap_or_default().to_string()));
+            env.push((
+                "IW_GIT_USERNAME".into(),
+                auth.username.unwrap_or_default().to_string(),
+            ));
+            env.push((
+                "IW_GIT_PASSWORD".into(),
+                auth.password.unwrap_or_default().to_string(),
+            ));
         }
         if let Some(key) = auth.ssh_key {
             let key_file = scratch.path().join("ssh_key");
@@ -121,7 +143,12 @@ impl Git {
 
     /// Runs `git args...` in `cwd`; each output line goes to the job log (masked). Fails with
     /// the last lines of output.
-    pub async fn run(&self, cwd: Option<&Path>, args: &[&str], log: &JobLog) -> Result<String, GitError> {
+    pub async fn run(
+        &self,
+        cwd: Option<&Path>,
+        args: &[&str],
+        log: &JobLog,
+    ) -> Result<String, GitError> {
         let mut cmd = tokio::process::Command::new("git");
         cmd.args(args)
             .stdin(Stdio::null())
@@ -173,7 +200,13 @@ fn write_private(path: &Path, data: &[u8], mode: u32) -> Result<(), JobError> {
         .mode(mode)
         .open(path)
         .and_then(|mut f| f.write_all(data))
-        .map_err(|e| JobError::new("internal", format!("writing {}: {e}", path.display()), false))
+        .map_err(|e| {
+            JobError::new(
+                "internal",
+                format!("writing {}: {e}", path.display()),
+                false,
+            )
+        })
 }
 
 /// The local path of a `file://` URL or a plain path, when the URL names this host's files.
@@ -181,7 +214,10 @@ pub fn local_path(url: &str) -> Option<PathBuf> {
     if let Some(rest) = url.strip_prefix("file://") {
         return Some(PathBuf::from(rest));
     }
-    let scp_like = !url.contains("://") && url.split_once(':').is_some_and(|(host, _)| !host.contains('/'));
+    let scp_like = !url.contains("://")
+        && url
+            .split_once(':')
+            .is_some_and(|(host, _)| !host.contains('/'));
     (!url.contains("://") && !scp_like).then(|| PathBuf::from(url))
 }
 
@@ -191,7 +227,10 @@ mod tests {
 
     #[test]
     fn recognizes_local_urls() {
-        assert_eq!(local_path("file:///srv/r.git"), Some(PathBuf::from("/srv/r.git")));
+        assert_eq!(
+            local_path("file:///srv/r.git"),
+            Some(PathBuf::from("/srv/r.git"))
+        );
         assert_eq!(local_path("/srv/r.git"), Some(PathBuf::from("/srv/r.git")));
         assert_eq!(local_path("../r.git"), Some(PathBuf::from("../r.git")));
         assert_eq!(local_path("https://h/r.git"), None);

@@ -130,22 +130,23 @@ pub async fn build_push_discover(
     ));
     events.running("pushing", Progress::default());
     let creds = engine::credentials(&registry, username.as_deref(), password.as_deref());
-    let (digest, pushed) = pipeline::with_registry_retries(ctx, log, &format!("pushing {reference}"), || {
-        engine::push_image(
-            &ctx.docker,
-            &build.repository,
-            &build.tag,
-            creds.clone(),
-            |p| events.running("pushing", p),
-            |line| log.info(line),
-        )
-    })
-    .await
-    .map_err(|e| {
-        let mut err = JobError::from(e);
-        err.message = format!("pushing {reference} failed: {}", err.message);
-        err
-    })?;
+    let (digest, pushed) =
+        pipeline::with_registry_retries(ctx, log, &format!("pushing {reference}"), || {
+            engine::push_image(
+                &ctx.docker,
+                &build.repository,
+                &build.tag,
+                creds.clone(),
+                |p| events.running("pushing", p),
+                |line| log.info(line),
+            )
+        })
+        .await
+        .map_err(|e| {
+            let mut err = JobError::from(e);
+            err.message = format!("pushing {reference} failed: {}", err.message);
+            err
+        })?;
     ctx.metrics.add_bytes_pushed(pushed.current);
 
     let inspect = engine::inspect_image(&ctx.docker, &reference)
@@ -186,9 +187,13 @@ fn base_image_credentials(
 ) -> Result<HashMap<String, DockerCredentials>, JobError> {
     let mut out = HashMap::new();
     for (host, creds) in &ctx.config.registry.credentials {
-        let password = creds
-            .resolve_password()
-            .map_err(|e| JobError::new("internal", format!("worker credentials for {host}: {e}"), false))?;
+        let password = creds.resolve_password().map_err(|e| {
+            JobError::new(
+                "internal",
+                format!("worker credentials for {host}: {e}"),
+                false,
+            )
+        })?;
         if let Some(c) = engine::credentials(host, Some(&creds.username), password.as_deref()) {
             out.insert(host.clone(), c);
         }

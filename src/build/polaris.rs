@@ -66,7 +66,15 @@ pub async fn run_polaris_build(
     let work_s = work.display().to_string();
     git.run(
         None,
-        &["clone", "--quiet", "--shared", "--no-checkout", "--", &mirror_s, &work_s],
+        &[
+            "clone",
+            "--quiet",
+            "--shared",
+            "--no-checkout",
+            "--",
+            &mirror_s,
+            &work_s,
+        ],
         log,
     )
     .await
@@ -78,7 +86,15 @@ pub async fn run_polaris_build(
         async move {
             git.run(
                 Some(work),
-                &["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", &sha, "--"],
+                &[
+                    "-c",
+                    "advice.detachedHead=false",
+                    "checkout",
+                    "--quiet",
+                    "--detach",
+                    &sha,
+                    "--",
+                ],
                 log,
             )
             .await
@@ -96,20 +112,36 @@ pub async fn run_polaris_build(
                 .run(
                     Some(&work),
                     &[
-                        "-c", "user.name=image-worker", "-c", "user.email=image-worker@localhost",
-                        "merge", "--no-ff", "--no-edit", "-m", &message, &commit,
+                        "-c",
+                        "user.name=image-worker",
+                        "-c",
+                        "user.email=image-worker@localhost",
+                        "merge",
+                        "--no-ff",
+                        "--no-edit",
+                        "-m",
+                        &message,
+                        &commit,
                     ],
                     log,
                 )
                 .await;
             if let Err(e) = merged {
                 let conflicts = git
-                    .run(Some(&work), &["diff", "--name-only", "--diff-filter=U"], log)
+                    .run(
+                        Some(&work),
+                        &["diff", "--name-only", "--diff-filter=U"],
+                        log,
+                    )
                     .await
                     .unwrap_or_default();
                 let paths: Vec<&str> = conflicts.lines().filter(|l| !l.is_empty()).collect();
                 return Err(if paths.is_empty() {
-                    JobError::new("git", format!("merging {git_ref} onto {base_name} failed: {}", e.message), false)
+                    JobError::new(
+                        "git",
+                        format!("merging {git_ref} onto {base_name} failed: {}", e.message),
+                        false,
+                    )
                 } else {
                     JobError::new(
                         "merge_conflict",
@@ -141,18 +173,25 @@ pub async fn run_polaris_build(
     let files = tar.tree("", &work, true)?;
     drop(scratch);
     drop(guard);
-    log.info(format!(
-        "context ready: {files} files of {shown} at {tree}"
-    ));
-    report.data.insert("git_commit".into(), Value::from(commit.clone()));
+    log.info(format!("context ready: {files} files of {shown} at {tree}"));
+    report
+        .data
+        .insert("git_commit".into(), Value::from(commit.clone()));
     if let Some(b) = &base_commit {
-        report.data.insert("base_commit".into(), Value::from(b.clone()));
-        report.data.insert("merge_commit".into(), Value::from(tree.clone()));
+        report
+            .data
+            .insert("base_commit".into(), Value::from(b.clone()));
+        report
+            .data
+            .insert("merge_commit".into(), Value::from(tree.clone()));
     }
 
     let build_args = HashMap::from([
         ("GIT_REF".to_string(), git_ref.to_string()),
-        ("BASE_REF".to_string(), base_ref.unwrap_or_default().to_string()),
+        (
+            "BASE_REF".to_string(),
+            base_ref.unwrap_or_default().to_string(),
+        ),
     ]);
     super::build_push_discover(
         ctx,
@@ -178,7 +217,11 @@ fn namespace(job: &Job, default: Option<&str>) -> Result<String, JobError> {
     let namespace = if !job.push_url.is_empty() {
         job.push_url.clone()
     } else if let Some(base) = default {
-        format!("{}/{}", base.trim_end_matches('/'), job.group.to_ascii_lowercase())
+        format!(
+            "{}/{}",
+            base.trim_end_matches('/'),
+            job.group.to_ascii_lowercase()
+        )
     } else {
         return Err(JobError::new(
             "invalid_job",
@@ -188,7 +231,13 @@ fn namespace(job: &Job, default: Option<&str>) -> Result<String, JobError> {
     };
     reference::validate_push_url(&namespace)
         .and_then(|()| reference::repository(&namespace, &job.name).map(|_| ()))
-        .map_err(|e| JobError::new("invalid_job", format!("cannot push to {namespace}: {e}"), false))?;
+        .map_err(|e| {
+            JobError::new(
+                "invalid_job",
+                format!("cannot push to {namespace}: {e}"),
+                false,
+            )
+        })?;
     Ok(namespace)
 }
 
@@ -198,7 +247,8 @@ fn check_ref(field: &str, r: &str) -> Result<(), JobError> {
         && r.len() <= 255
         && !r.starts_with('-')
         && !r.contains("..")
-        && r.chars().all(|c| c.is_ascii_alphanumeric() || "._/-@^~{}+".contains(c));
+        && r.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._/-@^~{}+".contains(c));
     if ok {
         Ok(())
     } else {
@@ -245,21 +295,37 @@ async fn update_mirror(git: &Git, url: &str, mirror: &Path, log: &JobLog) -> Res
     let shown = mask_url_credentials(url);
     let mirror_s = mirror.display().to_string();
     if mirror.join("HEAD").is_file() {
-        log.info(format!("polaris: fetching {shown} into the cached mirror {mirror_s}"));
-        git.run(Some(mirror), &["fetch", "--quiet", "--prune", "origin"], log)
-            .await
-            .map_err(|e| JobError::new("git", format!("fetching {shown}: {}", e.message), true))?;
+        log.info(format!(
+            "polaris: fetching {shown} into the cached mirror {mirror_s}"
+        ));
+        git.run(
+            Some(mirror),
+            &["fetch", "--quiet", "--prune", "origin"],
+            log,
+        )
+        .await
+        .map_err(|e| JobError::new("git", format!("fetching {shown}: {}", e.message), true))?;
         return Ok(());
     }
-    log.info(format!("polaris: no cached mirror yet: cloning {shown} into {mirror_s}"));
+    log.info(format!(
+        "polaris: no cached mirror yet: cloning {shown} into {mirror_s}"
+    ));
     let parent = mirror.parent().expect("a mirror path has a parent");
     std::fs::create_dir_all(parent).map_err(|e| {
-        JobError::new("internal", format!("cannot create {}: {e}", parent.display()), false)
+        JobError::new(
+            "internal",
+            format!("cannot create {}: {e}", parent.display()),
+            false,
+        )
     })?;
     let partial = parent.join(format!(".clone-{}", uuid::Uuid::new_v4().simple()));
     let partial_s = partial.display().to_string();
     let cloned = git
-        .run(None, &["clone", "--quiet", "--mirror", "--", url, &partial_s], log)
+        .run(
+            None,
+            &["clone", "--quiet", "--mirror", "--", url, &partial_s],
+            log,
+        )
         .await;
     if let Err(e) = cloned {
         let _ = std::fs::remove_dir_all(&partial);
@@ -268,25 +334,51 @@ async fn update_mirror(git: &Git, url: &str, mirror: &Path, log: &JobLog) -> Res
         } else {
             "git"
         };
-        return Err(JobError::new(kind, format!("cloning {shown}: {}", e.message), kind == "git"));
+        return Err(JobError::new(
+            kind,
+            format!("cloning {shown}: {}", e.message),
+            kind == "git",
+        ));
     }
     std::fs::rename(&partial, mirror).map_err(|e| {
         let _ = std::fs::remove_dir_all(&partial);
-        JobError::new("internal", format!("cannot move the mirror into place: {e}"), true)
+        JobError::new(
+            "internal",
+            format!("cannot move the mirror into place: {e}"),
+            true,
+        )
     })
 }
 
-async fn resolve(git: &Git, mirror: &Path, r: &str, shown: &str, log: &JobLog) -> Result<String, JobError> {
+async fn resolve(
+    git: &Git,
+    mirror: &Path,
+    r: &str,
+    shown: &str,
+    log: &JobLog,
+) -> Result<String, JobError> {
     let spec = format!("{r}^{{commit}}");
     git.run(
         Some(mirror),
-        &["rev-parse", "--verify", "--quiet", "--end-of-options", &spec],
+        &[
+            "rev-parse",
+            "--verify",
+            "--quiet",
+            "--end-of-options",
+            &spec,
+        ],
         log,
     )
     .await
     .ok()
     .filter(|sha| !sha.is_empty())
-    .ok_or_else(|| JobError::new("not_found", format!("{r} is not a branch, tag or commit of {shown}"), false))
+    .ok_or_else(|| {
+        JobError::new(
+            "not_found",
+            format!("{r} is not a branch, tag or commit of {shown}"),
+            false,
+        )
+    })
 }
 
 #[cfg(test)]
@@ -298,16 +390,42 @@ mod tests {
         for bad in ["--upload-pack=x", "-b", "a..b", "a b", "", "x;y"] {
             assert!(check_ref("git_ref", bad).is_err(), "{bad}");
         }
-        for good in ["main", "feature/x-1", "v1.2.3", "abc123", "HEAD~1", "release@{1}"] {
+        for good in [
+            "main",
+            "feature/x-1",
+            "v1.2.3",
+            "abc123",
+            "HEAD~1",
+            "release@{1}",
+        ] {
             assert!(check_ref("git_ref", good).is_ok(), "{good}");
         }
     }
 
     #[test]
     fn mirror_paths_are_stable_and_distinct() {
-        let a = mirror_path(Path::new("/s"), "https://git.example.com/polaris/polaris.git");
-        assert_eq!(a, mirror_path(Path::new("/s"), "https://git.example.com/polaris/polaris.git"));
-        assert!(a.display().to_string().starts_with("/s/mirrors/polaris-"), "{}", a.display());
-        assert_ne!(a, mirror_path(Path::new("/s"), "https://other.example.com/polaris/polaris.git"));
+        let a = mirror_path(
+            Path::new("/s"),
+            "https://git.example.com/polaris/polaris.git",
+        );
+        assert_eq!(
+            a,
+            mirror_path(
+                Path::new("/s"),
+                "https://git.example.com/polaris/polaris.git"
+            )
+        );
+        assert!(
+            a.display().to_string().starts_with("/s/mirrors/polaris-"),
+            "{}",
+            a.display()
+        );
+        assert_ne!(
+            a,
+            mirror_path(
+                Path::new("/s"),
+                "https://other.example.com/polaris/polaris.git"
+            )
+        );
     }
 }

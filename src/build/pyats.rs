@@ -204,11 +204,12 @@ async fn clone_repository(
     // A local repository is this host's filesystem: only under the allow-list, by its real path.
     let (url, local) = match local_path(&repo.url) {
         Some(path) => {
-            let real = fetch::allowed_local_path(&path, &ctx.config.build.files_allow)
-                .map_err(|mut e| {
+            let real = fetch::allowed_local_path(&path, &ctx.config.build.files_allow).map_err(
+                |mut e| {
                     e.message = format!("{what}: {}", e.message);
                     e
-                })?;
+                },
+            )?;
             (format!("file://{}", real.display()), true)
         }
         None => (repo.url.clone(), false),
@@ -226,23 +227,50 @@ async fn clone_repository(
     let dest = scratch.path().join("checkout");
     let dest_s = dest.display().to_string();
     log.info(format!("{what}: cloning {shown}"));
-    git.run(None, &["-c", "credential.helper=", "clone", "--quiet", "--", &url, &dest_s], log)
-        .await
-        .map_err(|e| {
-            let kind = git_error_kind(&e.message);
-            JobError::new(kind, format!("{what}: cloning {shown} failed: {}", e.message), kind == "git")
-        })?;
+    git.run(
+        None,
+        &[
+            "-c",
+            "credential.helper=",
+            "clone",
+            "--quiet",
+            "--",
+            &url,
+            &dest_s,
+        ],
+        log,
+    )
+    .await
+    .map_err(|e| {
+        let kind = git_error_kind(&e.message);
+        JobError::new(
+            kind,
+            format!("{what}: cloning {shown} failed: {}", e.message),
+            kind == "git",
+        )
+    })?;
     if let Some(commit) = &repo.commit_id {
         git.run(
             Some(&dest),
-            &["-c", "advice.detachedHead=false", "checkout", "--quiet", "--detach", commit, "--"],
+            &[
+                "-c",
+                "advice.detachedHead=false",
+                "checkout",
+                "--quiet",
+                "--detach",
+                commit,
+                "--",
+            ],
             log,
         )
         .await
         .map_err(|e| {
             JobError::new(
                 "not_found",
-                format!("{what}: commit_id {commit} is not in {shown}: {}", e.message),
+                format!(
+                    "{what}: commit_id {commit} is not in {shown}: {}",
+                    e.message
+                ),
                 false,
             )
         })?;
@@ -270,7 +298,10 @@ fn git_error_kind(message: &str) -> &'static str {
         || m.contains("401")
     {
         "auth"
-    } else if m.contains("not found") || m.contains("does not exist") || m.contains("not appear to be a git repository") {
+    } else if m.contains("not found")
+        || m.contains("does not exist")
+        || m.contains("not appear to be a git repository")
+    {
         "not_found"
     } else {
         "git"
@@ -304,7 +335,10 @@ async fn add_file(
         FileSource::Local(p) => {
             let real = fetch::allowed_local_path(std::path::Path::new(p), &cfg.files_allow)?;
             if real.is_dir() {
-                log.info(format!("files: copying the directory {} to {image_path}", real.display()));
+                log.info(format!(
+                    "files: copying the directory {} to {image_path}",
+                    real.display()
+                ));
                 let count = tar.tree(&path, &real, false)?;
                 return Ok(json!({"path": image_path, "source": p, "files": count}));
             }
@@ -314,7 +348,10 @@ async fn add_file(
             if meta.len() > cfg.max_file_bytes {
                 return Err(JobError::new(
                     "invalid_job",
-                    format!("{p} is larger than the limit of {} bytes (build.max_file_bytes)", cfg.max_file_bytes),
+                    format!(
+                        "{p} is larger than the limit of {} bytes (build.max_file_bytes)",
+                        cfg.max_file_bytes
+                    ),
                     false,
                 ));
             }
@@ -364,12 +401,20 @@ files:
             .collect();
         assert_eq!(
             instructions,
-            ["FROM", "ENV", "RUN", "WORKDIR", "ENV", "ENV", "COPY", "RUN", "RUN", "RUN"]
+            [
+                "FROM", "ENV", "RUN", "WORKDIR", "ENV", "ENV", "COPY", "RUN", "RUN", "RUN"
+            ]
         );
         assert!(d.contains(r#"ENV A="x\" RUN touch /pwned \\""#), "{d}");
         assert!(d.contains(r#"ENV B="${WORKSPACE}/lib""#), "{d}");
-        assert!(d.contains(r#"RUN ["/bin/sh", "-c", "echo \"]\" \\"]"#), "{d}");
-        assert!(d.contains(r#"RUN ["/bin/sh", "-c", "echo done\", \"x"]"#), "{d}");
+        assert!(
+            d.contains(r#"RUN ["/bin/sh", "-c", "echo \"]\" \\"]"#),
+            "{d}"
+        );
+        assert!(
+            d.contains(r#"RUN ["/bin/sh", "-c", "echo done\", \"x"]"#),
+            "{d}"
+        );
         // Packages and file names are never Dockerfile text.
         assert!(!d.contains("pkg ;") && !d.contains("COPY . x"), "{d}");
         for line in d.lines().filter(|l| l.starts_with("RUN [")) {

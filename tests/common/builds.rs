@@ -14,7 +14,14 @@ pub const BASE_TEMPLATE: &str = "127.0.0.1:5000/base/python:{python}-slim";
 /// Runs git with a fixed identity; panics with its output on failure.
 pub fn git(dir: &Path, args: &[&str]) -> String {
     let out = Command::new("git")
-        .args(["-c", "user.name=tests", "-c", "user.email=tests@localhost", "-c", "init.defaultBranch=main"])
+        .args([
+            "-c",
+            "user.name=tests",
+            "-c",
+            "user.email=tests@localhost",
+            "-c",
+            "init.defaultBranch=main",
+        ])
         .args(args)
         .current_dir(dir)
         .env("GIT_CONFIG_GLOBAL", "/dev/null")
@@ -30,7 +37,13 @@ pub fn git(dir: &Path, args: &[&str]) -> String {
 
 /// A work tree with `files` committed, pushed to a new bare repository `bare`; returns the
 /// commit. Later calls on the same `work` add commits (on `branch`).
-pub fn commit_files(work: &Path, bare: &Path, branch: &str, files: &[(&str, &str)], message: &str) -> String {
+pub fn commit_files(
+    work: &Path,
+    bare: &Path,
+    branch: &str,
+    files: &[(&str, &str)],
+    message: &str,
+) -> String {
     if !work.join(".git").exists() {
         std::fs::create_dir_all(work).unwrap();
         git(work, &["init", "-q"]);
@@ -96,7 +109,11 @@ fn base64(input: &[u8]) -> String {
     const T: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for chunk in input.chunks(3) {
-        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
         let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
         for i in 0..4 {
             if i <= chunk.len() {
@@ -121,11 +138,14 @@ impl FileServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let expected = credentials.map(|(u, p)| format!("Basic {}", base64(format!("{u}:{p}").as_bytes())));
+        let expected =
+            credentials.map(|(u, p)| format!("Basic {}", base64(format!("{u}:{p}").as_bytes())));
         let seen = requests.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((mut stream, _)) = listener.accept().await else { return };
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let root = root.clone();
                 let expected = expected.clone();
                 let seen = seen.clone();
@@ -147,7 +167,9 @@ impl FileServer {
                         .filter_map(|l| l.split_once(':'))
                         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
                         .collect();
-                    let authorized = expected.as_ref().is_some_and(|e| headers.get("authorization") == Some(e));
+                    let authorized = expected
+                        .as_ref()
+                        .is_some_and(|e| headers.get("authorization") == Some(e));
                     seen.lock().unwrap().push((path.clone(), authorized));
                     let response = if path.starts_with("/private/") && !authorized {
                         b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"tests\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".to_vec()
@@ -176,7 +198,11 @@ impl FileServer {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}/{}", self.port, path.trim_start_matches('/'))
+        format!(
+            "http://127.0.0.1:{}/{}",
+            self.port,
+            path.trim_start_matches('/')
+        )
     }
 }
 
@@ -189,7 +215,10 @@ pub fn temp_dir(label: &str) -> PathBuf {
 
 /// The YAML of a worker config for build tests; `extra` holds more `build:` keys, indented.
 pub fn build_worker_yaml(files_allow: &[&Path], extra: &str) -> String {
-    let allow: Vec<String> = files_allow.iter().map(|p| format!("\"{}\"", p.display())).collect();
+    let allow: Vec<String> = files_allow
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
     format!(
         "build:\n  base_image_template: \"{BASE_TEMPLATE}\"\n  files_allow: [{}]\n{extra}",
         allow.join(", ")

@@ -51,9 +51,7 @@ pub fn setup() {
     DONE.get_or_init(|| {
         if std::env::var_os("IW_SKIP_SETUP").is_none() {
             run_script("scripts/services.sh", &["up"]);
-            if repo_root().join("scripts/fixtures.sh").exists() {
-                run_script("scripts/fixtures.sh", &[]);
-            }
+            run_script("scripts/fixtures.sh", &[]);
             run_script("scripts/base-image.sh", &[]);
         }
     });
