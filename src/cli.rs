@@ -117,6 +117,82 @@ pub enum ConfigAction {
 pub enum SubmitJob {
     /// Register an image: the worker pulls <push-url>/<name>:<tag>, inspects and discovers it.
     Pull(PullArgs),
+    /// Build a custom pyATS image from a build file and push it to <push-url>/<name>:<tag>.
+    Build(BuildArgs),
+    /// Build the worker's polaris repository at a git ref (merged onto --base-ref when given).
+    PolarisBuild(PolarisBuildArgs),
+}
+
+/// Registry credentials and job fields every build shares.
+#[derive(Args, Debug)]
+pub struct BuildCommon {
+    /// Registry user for the push; the password comes from --password-env or --password-file.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// Environment variable holding the registry password.
+    #[arg(long, value_name = "VAR")]
+    pub password_env: Option<String>,
+    /// File holding the registry password.
+    #[arg(long)]
+    pub password_file: Option<PathBuf>,
+    /// Do not look for jobs and manifests after the build.
+    #[arg(long)]
+    pub no_discover: bool,
+    /// Job uuid (default: a new one).
+    #[arg(long)]
+    pub uuid: Option<String>,
+    /// Seconds the job may run.
+    #[arg(long)]
+    pub timeout_s: Option<u64>,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Image name below the push URL, e.g. `team/pyats-custom`.
+    #[arg(long)]
+    pub name: String,
+    /// Tag of the built image.
+    #[arg(long, default_value = "latest")]
+    pub tag: String,
+    /// Registry and namespace the image is pushed to, e.g. `registry.example.com/team`.
+    #[arg(long)]
+    pub push_url: String,
+    /// Group that owns the image.
+    #[arg(long)]
+    pub group: String,
+    /// The build file (pyats-image-builder YAML), or `-` for standard input.
+    #[arg(long)]
+    pub yaml_file: String,
+    #[command(flatten)]
+    pub build: BuildCommon,
+    #[command(flatten)]
+    pub common: SubmitCommon,
+}
+
+#[derive(Args, Debug)]
+pub struct PolarisBuildArgs {
+    /// Branch, tag or commit to build.
+    #[arg(long)]
+    pub git_ref: String,
+    /// Branch to merge --git-ref onto before building.
+    #[arg(long)]
+    pub base_ref: Option<String>,
+    /// Image name, e.g. `polaris`.
+    #[arg(long)]
+    pub name: String,
+    /// Tag of the built image.
+    #[arg(long, default_value = "latest")]
+    pub tag: String,
+    /// Group that owns the image; the default destination is <polaris.push_url>/<group>.
+    #[arg(long)]
+    pub group: String,
+    /// Registry and namespace to push to instead of the worker's polaris.push_url/<group>.
+    #[arg(long)]
+    pub push_url: Option<String>,
+    #[command(flatten)]
+    pub build: BuildCommon,
+    #[command(flatten)]
+    pub common: SubmitCommon,
 }
 
 #[derive(Args, Debug)]
@@ -220,9 +296,11 @@ pub async fn run(cli: Cli) -> ExitCode {
             Ok(c) => run_local_job(c, &file).await,
             Err(code) => return code,
         },
-        Command::Submit {
-            job: SubmitJob::Pull(args),
-        } => submit_pull(args).await,
+        Command::Submit { job } => match job {
+            SubmitJob::Pull(args) => submit_pull(args).await,
+            SubmitJob::Build(args) => submit_build(args).await,
+            SubmitJob::PolarisBuild(args) => submit_polaris_build(args).await,
+        },
         Command::Cancel { uuid, config } => match load_config(&config) {
             Ok(c) => submit::cancel(&c, &uuid).await.map(|()| {
                 eprintln!("cancel requested for {uuid}");
@@ -405,6 +483,95 @@ async fn submit_pull(args: PullArgs) -> anyhow::Result<ExitCode> {
     if let Some(t) = args.timeout_s {
         put("timeout_s", Value::from(t));
     }
+    submit_and_print(&config, job, &args.common).await
+}
+
+/// The fields every job has, from the command line.
+fn base_job(
+    uuid: Option<String>,
+    job_type: &str,
+    group: String,
+    name: String,
+    tag: String,
+) -> Map<String, Value> {
+    let mut job = Map::new();
+    job.insert(
+        "uuid".into(),
+        Value::from(uuid.unwrap_or_else(|| uuid::Uuid::new_v4().to_string())),
+    );
+    job.insert("type".into(), Value::from(job_type));
+    job.insert("group".into(), Value::from(group));
+    job.insert("name".into(), Value::from(name));
+    job.insert("tag".into(), Value::from(tag));
+    job.insert(
+        "submitter".into(),
+        Value::from(std::env::var("USER").unwrap_or_else(|_| "cli".into())),
+    );
+    job
+}
+
+fn put_build_common(job: &mut Map<String, Value>, args: BuildCommon) -> anyhow::Result<()> {
+    job.insert("discover".into(), Value::from(!args.no_discover));
+    if let Some(u) = args.username {
+        job.insert("username".into(), Value::from(u));
+    }
+    if let Some(p) = read_password(args.password_env.as_deref(), args.password_file.as_ref())? {
+        job.insert("password".into(), Value::from(p));
+    }
+    if let Some(t) = args.timeout_s {
+        job.insert("timeout_s".into(), Value::from(t));
+    }
+    Ok(())
+}
+
+async fn submit_build(args: BuildArgs) -> anyhow::Result<ExitCode> {
+    let config = match load_config(&args.common.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let yaml = if args.yaml_file == "-" {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the build file from stdin")?;
+        text
+    } else {
+        std::fs::read_to_string(&args.yaml_file)
+            .with_context(|| format!("reading {}", args.yaml_file))?
+    };
+    let mut job = base_job(
+        args.build.uuid.clone(),
+        "build",
+        args.group,
+        args.name,
+        args.tag,
+    );
+    job.insert("push_url".into(), Value::from(args.push_url));
+    job.insert("yaml_content".into(), Value::from(yaml));
+    put_build_common(&mut job, args.build)?;
+    submit_and_print(&config, job, &args.common).await
+}
+
+async fn submit_polaris_build(args: PolarisBuildArgs) -> anyhow::Result<ExitCode> {
+    let config = match load_config(&args.common.config) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let mut job = base_job(
+        args.build.uuid.clone(),
+        "polaris_build",
+        args.group,
+        args.name,
+        args.tag,
+    );
+    job.insert("git_ref".into(), Value::from(args.git_ref));
+    if let Some(b) = args.base_ref {
+        job.insert("base_ref".into(), Value::from(b));
+    }
+    if let Some(p) = args.push_url {
+        job.insert("push_url".into(), Value::from(p));
+    }
+    put_build_common(&mut job, args.build)?;
     submit_and_print(&config, job, &args.common).await
 }
 

@@ -48,6 +48,10 @@ pub struct Config {
     pub logs: LogsConfig,
     /// Limits that apply to every job.
     pub jobs: JobsConfig,
+    /// `build` jobs: the base image, what a build file may read, limits.
+    pub build: BuildConfig,
+    /// `polaris_build` jobs: the repository they build and where images go.
+    pub polaris: PolarisConfig,
     /// The operations endpoint: /healthz, /readyz, /metrics.
     pub http: HttpConfig,
 }
@@ -310,6 +314,70 @@ impl Default for JobsConfig {
     }
 }
 
+/// `build` jobs (custom pyATS images from a build file).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BuildConfig {
+    /// Base image of every build; `{python}` is replaced by the build file's `python` version.
+    pub base_image_template: String,
+    /// Python version when the build file names none.
+    pub default_python: String,
+    /// Directories of this host that `files` entries (plain paths) and `file://` repositories
+    /// may read from. Empty: nothing on this host can enter an image.
+    pub files_allow: Vec<PathBuf>,
+    /// Largest build file (`yaml_content`) accepted, in bytes.
+    pub max_yaml_bytes: usize,
+    /// Largest single `files` download, in bytes.
+    pub max_file_bytes: u64,
+    /// Largest build context (all files, repositories and generated files), in bytes.
+    pub max_context_bytes: u64,
+    /// Seconds a `files` download may take.
+    pub fetch_timeout_s: u64,
+    /// Lines of build output quoted in the report's `error.message` when a build fails.
+    pub error_tail_lines: usize,
+}
+
+impl Default for BuildConfig {
+    fn default() -> Self {
+        Self {
+            base_image_template: "python:{python}-slim".into(),
+            default_python: "3.11".into(),
+            files_allow: Vec::new(),
+            max_yaml_bytes: 256 * 1024,
+            max_file_bytes: 256 * 1024 * 1024,
+            max_context_bytes: 1024 * 1024 * 1024,
+            fetch_timeout_s: 300,
+            error_tail_lines: 20,
+        }
+    }
+}
+
+/// `polaris_build` jobs (images built from one configured git repository).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolarisConfig {
+    /// Git URL of the repository (any URL git can fetch); unset: polaris_build jobs fail.
+    pub repository: Option<String>,
+    /// Path of the Dockerfile inside the repository.
+    pub dockerfile: String,
+    /// Registry and namespace images go to when a job names no `push_url`: the image is
+    /// pushed to `<push_url>/<group>/<name>:<tag>`.
+    pub push_url: Option<String>,
+    /// Where the repository's cached mirror clone is kept between jobs.
+    pub state_dir: PathBuf,
+}
+
+impl Default for PolarisConfig {
+    fn default() -> Self {
+        Self {
+            repository: None,
+            dockerfile: "Dockerfile".into(),
+            push_url: None,
+            state_dir: PathBuf::from("/var/lib/image-worker/polaris"),
+        }
+    }
+}
+
 impl Config {
     /// Loads `path` (or the defaults when `None`), then applies the environment overrides.
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
@@ -381,6 +449,27 @@ impl Config {
         if let Some(m) = &self.discovery.r#match {
             regex::Regex::new(m)
                 .map_err(|e| ConfigError::Invalid(format!("discovery.match: {e}")))?;
+        }
+        if !self.build.base_image_template.contains("{python}")
+            || self
+                .build
+                .base_image_template
+                .chars()
+                .any(char::is_whitespace)
+        {
+            return Err(ConfigError::Invalid(
+                "build.base_image_template must contain {python} and no whitespace".into(),
+            ));
+        }
+        if let Some(dir) = self.build.files_allow.iter().find(|d| !d.is_absolute()) {
+            return Err(ConfigError::Invalid(format!(
+                "build.files_allow: {} is not an absolute path",
+                dir.display()
+            )));
+        }
+        if let Some(push_url) = &self.polaris.push_url {
+            crate::reference::validate_push_url(push_url)
+                .map_err(|e| ConfigError::Invalid(format!("polaris.push_url: {e}")))?;
         }
         if let Some(mirror) = &self.registry.mirror {
             crate::reference::validate_push_url(mirror)

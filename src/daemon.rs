@@ -31,7 +31,7 @@ use crate::pipeline::{DeliveryInfo, EventSender, Finished, JobContext, run_job};
 use crate::report::{Report, Status, WorkerInfo, insert_time};
 
 /// The caps this worker implements; others in `worker.caps` are only advertised.
-pub const IMPLEMENTED_CAPS: &[&str] = &["image"];
+pub const IMPLEMENTED_CAPS: &[&str] = &["image", "polaris_image"];
 
 /// How the daemon is told to stop: `graceful` stops taking jobs and lets running ones finish
 /// within the grace period; `immediate` (a second signal) returns them to the queue at once.

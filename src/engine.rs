@@ -7,7 +7,7 @@ use bollard::Docker;
 use bollard::auth::DockerCredentials;
 use bollard::models::ImageInspect;
 use bollard::query_parameters::{
-    CreateImageOptionsBuilder, PushImageOptionsBuilder, TagImageOptionsBuilder,
+    BuildImageOptions, CreateImageOptionsBuilder, PushImageOptionsBuilder, TagImageOptionsBuilder,
 };
 use futures_util::StreamExt;
 
@@ -311,6 +311,74 @@ pub async fn push_image(
         }
     }
     Ok((digest, progress.progress()))
+}
+
+/// What a build said: the image id, or why it failed.
+#[derive(Debug)]
+pub enum BuildOutcome {
+    Built {
+        image_id: Option<String>,
+    },
+    /// A build step failed (the engine's message); the output told why.
+    Failed {
+        message: String,
+    },
+}
+
+/// Builds an image from an in-memory context (a tar) with the legacy builder. Every line of
+/// build output goes to `on_line` as it comes. Registry credentials are for `FROM` pulls.
+pub async fn build_image(
+    docker: &Docker,
+    options: BuildImageOptions,
+    registry_credentials: HashMap<String, DockerCredentials>,
+    context: Vec<u8>,
+    mut on_line: impl FnMut(String),
+) -> Result<BuildOutcome, EngineError> {
+    let creds = (!registry_credentials.is_empty()).then_some(registry_credentials);
+    let mut stream = docker.build_image(
+        options,
+        creds,
+        Some(bollard::body_full(bytes::Bytes::from(context))),
+    );
+    let mut partial = String::new();
+    let mut image_id = None;
+    while let Some(item) = stream.next().await {
+        let info = match item {
+            Ok(info) => info,
+            Err(bollard::errors::Error::DockerStreamError { error }) => {
+                if !partial.is_empty() {
+                    on_line(std::mem::take(&mut partial));
+                }
+                return Ok(BuildOutcome::Failed {
+                    message: crate::secrets::mask_url_credentials(error.trim()),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(text) = info.stream {
+            partial.push_str(&text);
+            while let Some(end) = partial.find('\n') {
+                let line: String = partial.drain(..=end).collect();
+                let line = line.trim_end();
+                if !line.is_empty() {
+                    on_line(line.to_string());
+                }
+            }
+        }
+        if let Some(status) = info.status.filter(|s| loggable(s) && !s.is_empty()) {
+            match info.id.filter(|id| !id.is_empty()) {
+                Some(id) => on_line(format!("{id}: {status}")),
+                None => on_line(status),
+            }
+        }
+        if let Some(id) = info.aux.and_then(|aux| aux.id) {
+            image_id = Some(id);
+        }
+    }
+    if !partial.trim().is_empty() {
+        on_line(partial.trim_end().to_string());
+    }
+    Ok(BuildOutcome::Built { image_id })
 }
 
 /// Tags `source` as `repository:tag`.

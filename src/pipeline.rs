@@ -1,10 +1,12 @@
 //! One job from start to report: the steps every job type shares (log, timeout, report, masking),
-//! around the type's own work (`pull`, later `build`).
+//! around the type's own work (`pull`, `build`, `polaris_build`), and the steps several types
+//! share (credentials, inspect, discover).
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use bollard::Docker;
+use bollard::models::ImageInspect;
 use chrono::Utc;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc::UnboundedSender;
@@ -339,14 +341,10 @@ async fn run_steps(
 ) -> Result<(), JobError> {
     match job.job_type {
         JobType::Pull => crate::pull::run_pull(ctx, job, log, events, report).await,
-        JobType::Build | JobType::PolarisBuild => Err(JobError::new(
-            "unsupported",
-            format!(
-                "{} jobs are not implemented by this worker yet",
-                job.job_type.as_str()
-            ),
-            false,
-        )),
+        JobType::Build => crate::build::pyats::run_build(ctx, job, log, events, report).await,
+        JobType::PolarisBuild => {
+            crate::build::polaris::run_polaris_build(ctx, job, log, events, report).await
+        }
     }
 }
 
@@ -366,6 +364,15 @@ fn job_secrets(ctx: &JobContext, input: &Result<Job, InvalidJob>) -> SecretMask 
         Err(invalid) => &invalid.raw,
     };
     collect_secret_values(&Value::Object(raw.clone()), &mut mask);
+    // A build file's repository credentials, ssh keys and proxy passwords: masked everywhere,
+    // the echoed `yaml_content` included.
+    if let Some(Value::String(yaml)) = raw.get("yaml_content")
+        && yaml.len() <= ctx.config.build.max_yaml_bytes
+    {
+        for secret in crate::build::file::secret_values(yaml) {
+            mask.add(secret);
+        }
+    }
     for creds in ctx.config.registry.credentials.values() {
         if let Ok(Some(p)) = creds.resolve_password() {
             mask.add(p);
@@ -472,4 +479,100 @@ fn base_report(
         started_at: insert_time(started),
         finished_at: None,
     }
+}
+
+/// The job's credentials when it brings some, else the worker's for that registry.
+pub(crate) fn registry_credentials(
+    ctx: &JobContext,
+    job: &Job,
+    registry: &str,
+) -> Result<(Option<String>, Option<String>), JobError> {
+    if job.username.is_some() {
+        return Ok((job.username.clone(), job.password.clone()));
+    }
+    match ctx.config.registry.credentials.get(registry) {
+        Some(creds) => {
+            let password = creds.resolve_password().map_err(|e| {
+                JobError::new(
+                    "internal",
+                    format!("worker credentials for {registry}: {e}"),
+                    false,
+                )
+            })?;
+            Ok((Some(creds.username.clone()), password))
+        }
+        None => Ok((None, None)),
+    }
+}
+
+/// Fills the record's size, id and container details from the engine's inspect.
+pub(crate) fn apply_inspect(report: &mut Report, inspect: &ImageInspect) {
+    report.image_id = inspect.id.clone();
+    report.size = inspect.size.unwrap_or(0);
+    // API 1.41 reports VirtualSize equal to Size for local images; later APIs dropped it.
+    report.virtual_size = report.size;
+    let mut detail = Map::new();
+    let mut put = |k: &str, v: Option<String>| {
+        if let Some(v) = v {
+            detail.insert(k.to_string(), Value::String(v));
+        }
+    };
+    put("os", inspect.os.clone());
+    put("architecture", inspect.architecture.clone());
+    put("created", inspect.created.clone());
+    let config = inspect.config.as_ref();
+    put(
+        "workspace",
+        config.and_then(|c| c.env.as_ref()).and_then(|env| {
+            env.iter()
+                .find_map(|e| e.strip_prefix("WORKSPACE=").map(str::to_string))
+        }),
+    );
+    if let Some(layers) = inspect.root_fs.as_ref().and_then(|r| r.layers.as_ref()) {
+        detail.insert("layers".into(), Value::from(layers.len()));
+    }
+    report.container_details = ContainerDetails { detail };
+    report.meta.container_details = report.container_details.clone();
+}
+
+/// Discovers the image's jobs and manifests with the configured rules, plus `extra` (a build
+/// file's `jobfiles`: its `match` replaces the configured one, its globs and paths add to them).
+pub(crate) async fn discover(
+    ctx: &JobContext,
+    log: &JobLog,
+    events: &JobEvents,
+    report: &mut Report,
+    inspect: &ImageInspect,
+    extra: Option<&crate::discovery::JobRules>,
+) -> Result<(), JobError> {
+    let image_id = inspect.id.as_deref().unwrap_or_default();
+    events.running("discovering", Progress::default());
+    let started = Instant::now();
+    let mut options = ctx.config.discovery.options();
+    if let Some(extra) = extra {
+        if extra.r#match.is_some() {
+            options.rules.r#match = extra.r#match.clone();
+        }
+        options.rules.glob.extend(extra.glob.iter().cloned());
+        options.rules.paths.extend(extra.paths.iter().cloned());
+    }
+    let found = crate::discovery::discover_image(&ctx.docker, image_id, &options)
+        .await
+        .map_err(|e| JobError::new("discovery", format!("discovery failed: {e}"), true))?;
+    let elapsed = started.elapsed();
+    log.info(format!(
+        "discovery ({} source, root {}): {} job files, {} manifests, {} warnings, {} files scanned in {} ms",
+        found.source,
+        found.root,
+        found.jobs.len(),
+        found.manifests.len(),
+        found.warnings.len(),
+        found.files_scanned,
+        elapsed.as_millis()
+    ));
+    for warning in &found.warnings {
+        log.warn(format!("discovery: {warning}"));
+    }
+    report.set_discovery(found, elapsed);
+    Ok(())
 }

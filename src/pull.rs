@@ -6,16 +6,12 @@
 
 use std::time::Instant;
 
-use bollard::models::ImageInspect;
-use serde_json::{Map, Value};
-
-use crate::discovery;
 use crate::engine::{self, EngineError};
 use crate::job::Job;
 use crate::joblog::JobLog;
-use crate::pipeline::{JobContext, JobError, JobEvents, with_registry_retries};
+use crate::pipeline::{self, JobContext, JobError, JobEvents, with_registry_retries};
 use crate::reference;
-use crate::report::{ContainerDetails, Progress, Report};
+use crate::report::{Progress, Report};
 
 pub async fn run_pull(
     ctx: &JobContext,
@@ -39,7 +35,7 @@ pub async fn run_pull(
             "pin_version is true and {reference} is cached on this worker: not pulling"
         ));
     } else {
-        let (username, password) = registry_credentials(ctx, job, registry)?;
+        let (username, password) = pipeline::registry_credentials(ctx, job, registry)?;
         log.info(format!(
             "pulling {reference}{}{}",
             job.platform
@@ -85,7 +81,7 @@ pub async fn run_pull(
                 true,
             )
         })?;
-    apply_inspect(report, &inspect);
+    pipeline::apply_inspect(report, &inspect);
     report.image = Some(reference.clone());
     report.digest = job
         .digest
@@ -103,35 +99,11 @@ pub async fn run_pull(
     }
 
     if job.discover {
-        discover(ctx, log, events, report, &inspect).await?;
+        pipeline::discover(ctx, log, events, report, &inspect, None).await?;
     } else {
         log.info("discovery skipped (discover: false)");
     }
     Ok(())
-}
-
-/// The job's credentials when it brings some, else the worker's for that registry.
-fn registry_credentials(
-    ctx: &JobContext,
-    job: &Job,
-    registry: &str,
-) -> Result<(Option<String>, Option<String>), JobError> {
-    if job.username.is_some() {
-        return Ok((job.username.clone(), job.password.clone()));
-    }
-    match ctx.config.registry.credentials.get(registry) {
-        Some(creds) => {
-            let password = creds.resolve_password().map_err(|e| {
-                JobError::new(
-                    "internal",
-                    format!("worker credentials for {registry}: {e}"),
-                    false,
-                )
-            })?;
-            Ok((Some(creds.username.clone()), password))
-        }
-        None => Ok((None, None)),
-    }
 }
 
 fn pull_error(e: EngineError, reference: &str) -> JobError {
@@ -151,35 +123,6 @@ fn pull_error(e: EngineError, reference: &str) -> JobError {
         _ => format!("pulling {reference} failed: {}", err.message),
     };
     err
-}
-
-fn apply_inspect(report: &mut Report, inspect: &ImageInspect) {
-    report.image_id = inspect.id.clone();
-    report.size = inspect.size.unwrap_or(0);
-    // API 1.41 reports VirtualSize equal to Size for local images; later APIs dropped it.
-    report.virtual_size = report.size;
-    let mut detail = Map::new();
-    let mut put = |k: &str, v: Option<String>| {
-        if let Some(v) = v {
-            detail.insert(k.to_string(), Value::String(v));
-        }
-    };
-    put("os", inspect.os.clone());
-    put("architecture", inspect.architecture.clone());
-    put("created", inspect.created.clone());
-    let config = inspect.config.as_ref();
-    put(
-        "workspace",
-        config.and_then(|c| c.env.as_ref()).and_then(|env| {
-            env.iter()
-                .find_map(|e| e.strip_prefix("WORKSPACE=").map(str::to_string))
-        }),
-    );
-    if let Some(layers) = inspect.root_fs.as_ref().and_then(|r| r.layers.as_ref()) {
-        detail.insert("layers".into(), Value::from(layers.len()));
-    }
-    report.container_details = ContainerDetails { detail };
-    report.meta.container_details = report.container_details.clone();
 }
 
 async fn push_to_mirror(
@@ -247,37 +190,5 @@ async fn push_to_mirror(
     if digest.is_some() {
         report.digest = digest;
     }
-    Ok(())
-}
-
-async fn discover(
-    ctx: &JobContext,
-    log: &JobLog,
-    events: &JobEvents,
-    report: &mut Report,
-    inspect: &ImageInspect,
-) -> Result<(), JobError> {
-    let image_id = inspect.id.as_deref().unwrap_or_default();
-    events.running("discovering", Progress::default());
-    let started = Instant::now();
-    let options = ctx.config.discovery.options();
-    let found = discovery::discover_image(&ctx.docker, image_id, &options)
-        .await
-        .map_err(|e| JobError::new("discovery", format!("discovery failed: {e}"), true))?;
-    let elapsed = started.elapsed();
-    log.info(format!(
-        "discovery ({} source, root {}): {} job files, {} manifests, {} warnings, {} files scanned in {} ms",
-        found.source,
-        found.root,
-        found.jobs.len(),
-        found.manifests.len(),
-        found.warnings.len(),
-        found.files_scanned,
-        elapsed.as_millis()
-    ));
-    for warning in &found.warnings {
-        log.warn(format!("discovery: {warning}"));
-    }
-    report.set_discovery(found, elapsed);
     Ok(())
 }

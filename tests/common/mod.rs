@@ -3,6 +3,7 @@
 //! Each test starts its own worker process with its own AMQP prefix and logs root, so tests run
 //! in parallel without seeing each other's queues.
 #![allow(dead_code)]
+pub mod builds;
 pub mod expected;
 pub mod proxy;
 
@@ -52,6 +53,7 @@ pub fn setup() {
         if std::env::var_os("IW_SKIP_SETUP").is_none() {
             run_script("scripts/services.sh", &["up"]);
             run_script("scripts/fixtures.sh", &[]);
+            run_script("scripts/base-image.sh", &[]);
         }
     });
 }
@@ -360,6 +362,31 @@ impl Broker {
         let uuid = job["uuid"].as_str().unwrap_or_default().to_string();
         self.publish_raw("general", job.to_string().as_bytes(), &uuid)
             .await;
+    }
+
+    /// Publishes a job to `<cap>.general` (e.g. `polaris_image`) with our reply queue.
+    pub async fn publish_job_to(&self, cap: &str, job: &Value) {
+        let uuid = job["uuid"].as_str().unwrap_or_default().to_string();
+        let props = BasicProperties::default()
+            .with_content_type(ShortString::from("application/json"))
+            .with_delivery_mode(2)
+            .with_reply_to(ShortString::from(self.reply_queue.clone()))
+            .with_correlation_id(ShortString::from(uuid));
+        self.channel
+            .basic_publish(
+                format!("{}.jobs", self.prefix).into(),
+                format!("{cap}.general").into(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..Default::default()
+                },
+                job.to_string().as_bytes(),
+                props,
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
     }
 
     /// Waits for the reply (the final report) with this correlation id; records events seen.
