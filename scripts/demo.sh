@@ -8,7 +8,7 @@ started=$(date +%s)
 scripts/services.sh up
 scripts/fixtures.sh
 cargo build --quiet --bin image-worker
-bin=target/debug/image-worker
+bin="${CARGO_TARGET_DIR:-target}/debug/image-worker"
 
 mkdir -p .dev
 export IMAGE_WORKER__LOGS__ROOT="$PWD/.dev/logs"

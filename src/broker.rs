@@ -196,6 +196,20 @@ impl Publisher {
     }
 }
 
+/// The properties of a dead-lettered copy: the original's (message id, reply_to,
+/// correlation_id, headers...) plus `x-error` and `x-original-routing-key`.
+pub fn dead_letter_properties(
+    original: &BasicProperties,
+    reason: &str,
+    routing_key: &str,
+) -> BasicProperties {
+    let mut headers = original.headers().clone().unwrap_or_default();
+    for (k, v) in error_headers(reason, routing_key).inner() {
+        headers.insert(k.clone(), v.clone());
+    }
+    original.clone().with_headers(headers)
+}
+
 /// `x-error` header with the reason a message was dead-lettered.
 pub fn error_headers(reason: &str, source_queue: &str) -> FieldTable {
     let mut headers = FieldTable::default();

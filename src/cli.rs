@@ -21,6 +21,8 @@ use crate::submit::{self, Submitted};
 pub const EXIT_USAGE: u8 = 64;
 /// Exit code for input that is not a job (EX_DATAERR).
 pub const EXIT_DATAERR: u8 = 65;
+/// Exit code for a job file that cannot be read (EX_NOINPUT).
+pub const EXIT_NOINPUT: u8 = 66;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -66,7 +68,7 @@ pub enum Command {
         config: ConfigArg,
     },
     /// Run one job here, without a broker, and print its report (exit 0 when successful, 1
-    /// when the job failed, 65 when the input is not a job).
+    /// when the job failed, 65 when the input is not a job, 66 when the file cannot be read).
     Job {
         /// Job file (JSON, as published to the broker), or `-` for standard input.
         file: String,
@@ -92,7 +94,7 @@ pub enum Command {
         /// Image reference or id, present in the local engine.
         image: String,
         /// Where the image's files are read from.
-        #[arg(long, default_value = "auto")]
+        #[arg(long, default_value = "auto", value_parser = ["auto", "layers", "archive"])]
         source: String,
         #[command(flatten)]
         config: ConfigArg,
@@ -371,7 +373,13 @@ async fn run_local_job(config: Config, file: &str) -> anyhow::Result<ExitCode> {
             .read_to_end(&mut body)
             .context("reading the job from stdin")?;
     } else {
-        body = std::fs::read(file).with_context(|| format!("reading {file}"))?;
+        body = match std::fs::read(file) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("image-worker: cannot read {file}: {e}");
+                return Ok(ExitCode::from(EXIT_NOINPUT));
+            }
+        };
     }
     let input = match parse_job(&body, config.jobs.max_message_bytes) {
         Ok(input) => input,
@@ -380,7 +388,22 @@ async fn run_local_job(config: Config, file: &str) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_DATAERR));
         }
     };
-    let docker = crate::engine::connect(config.docker.host.as_deref()).await?;
+    // An engine that does not answer still gets a report: failed, engine_unavailable. The
+    // client below is never called then; the context just needs one.
+    let (docker, input) = match crate::engine::connect(config.docker.host.as_deref()).await {
+        Ok(d) => (d, input),
+        Err(e) => {
+            let input = input.and_then(|job| {
+                Err(crate::job::InvalidJob::cannot_start(
+                    &job,
+                    "engine_unavailable",
+                    e.message,
+                    true,
+                ))
+            });
+            (bollard::Docker::connect_with_local_defaults()?, input)
+        }
+    };
     let worker = WorkerInfo::from_config(&config.worker);
     let ctx = JobContext {
         config,
@@ -580,6 +603,19 @@ async fn submit_and_print(
     job: Map<String, Value>,
     common: &SubmitCommon,
 ) -> anyhow::Result<ExitCode> {
+    // The worker's own checks, here first: a job it would refuse is not sent.
+    let body = serde_json::to_vec(&job)?;
+    match parse_job(&body, config.jobs.max_message_bytes) {
+        Err(rejection) => {
+            eprintln!("image-worker: not a job: {rejection}");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+        Ok(Err(invalid)) => {
+            eprintln!("image-worker: invalid job: {}", invalid.message);
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+        Ok(Ok(_)) => {}
+    }
     let pool = common
         .pool
         .clone()
@@ -602,7 +638,7 @@ async fn submit_and_print(
         }
         Submitted::TimedOut { uuid } => {
             eprintln!(
-                "image-worker: no report for {uuid} within {} s (the job stays queued)",
+                "image-worker: no report for {uuid} within {} s (the job may still be queued or running)",
                 common.wait_timeout_s
             );
             Ok(ExitCode::from(2))

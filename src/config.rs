@@ -409,10 +409,21 @@ impl Config {
             .filter(|(k, _)| k.starts_with(ENV_PREFIX))
             .collect();
         overrides.sort();
-        for (var, raw) in overrides {
-            apply_override(&mut value, &var, &raw)?;
+        for (var, raw) in &overrides {
+            apply_override(&mut value, var, raw)?;
         }
-        let config: Config = serde_yaml::from_value(value)?;
+        let applied: Vec<String> = overrides.iter().map(|(k, _)| k.clone()).collect();
+        let config: Config = serde_yaml::from_value(value).map_err(|e| {
+            if applied.is_empty() {
+                ConfigError::Parse(e)
+            } else {
+                // The error cannot say whether a file key or a variable was wrong: name both.
+                ConfigError::Invalid(format!(
+                    "{e} (environment overrides applied: {})",
+                    applied.join(", ")
+                ))
+            }
+        })?;
         config.validate()?;
         Ok(config)
     }
@@ -437,6 +448,52 @@ impl Config {
                     "pool name {pool:?} may hold only letters, digits, '-', '_' and '.'"
                 )));
             }
+        }
+        let invalid = |m: String| Err(ConfigError::Invalid(m));
+        if self.worker.heartbeat_interval_s == 0 {
+            return invalid("worker.heartbeat_interval_s must be at least 1".into());
+        }
+        if let Some(id) = &self.worker.worker_id
+            && uuid::Uuid::parse_str(id).is_err()
+        {
+            return invalid(format!("worker.worker_id {id:?} is not a UUID"));
+        }
+        if !self
+            .worker
+            .caps
+            .iter()
+            .any(|c| crate::daemon::IMPLEMENTED_CAPS.contains(&c.as_str()))
+        {
+            return invalid(format!(
+                "worker.caps {:?} holds none of the caps this worker implements ({:?})",
+                self.worker.caps,
+                crate::daemon::IMPLEMENTED_CAPS
+            ));
+        }
+        if !self.logs.root.is_absolute() {
+            return invalid(format!(
+                "logs.root {} must be an absolute path",
+                self.logs.root.display()
+            ));
+        }
+        if !self.http.listen.is_empty() && self.http.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return invalid(format!(
+                "http.listen {:?} is not an address such as 127.0.0.1:9464",
+                self.http.listen
+            ));
+        }
+        let url = self.amqp_url()?;
+        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+            return invalid(format!(
+                "the AMQP URL {} must start with amqp:// or amqps://",
+                crate::secrets::mask_url_credentials(&url)
+            ));
+        }
+        for (host, creds) in &self.registry.credentials {
+            creds
+                .resolve_password()
+                .map_err(|e| ConfigError::Invalid(format!("registry.credentials.{host}: {e}")))?;
         }
         if self.jobs.lease_s < 3 {
             return Err(ConfigError::Invalid(
@@ -608,6 +665,34 @@ mod tests {
         assert!(Config::from_yaml_and_env("worker: {group: 'a b'}", env(&[])).is_err());
         assert!(Config::from_yaml_and_env("discovery: {match: '('}", env(&[])).is_err());
         assert!(Config::from_yaml_and_env("registry: {mirror: 'Bad Host'}", env(&[])).is_err());
+    }
+
+    #[test]
+    fn unusable_settings_are_refused_before_the_daemon_starts() {
+        let refused = |yaml: &str, want: &str| {
+            let e = Config::from_yaml_and_env(yaml, env(&[]))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{yaml}: {e}");
+        };
+        refused("amqp: {url: 'http://x'}", "amqp://");
+        refused(
+            "amqp: {url_file: /nonexistent/amqp-url}",
+            "/nonexistent/amqp-url",
+        );
+        refused("http: {listen: nonsense}", "http.listen");
+        refused("worker: {caps: [pyats]}", "none of the caps");
+        refused("worker: {heartbeat_interval_s: 0}", "heartbeat_interval_s");
+        refused("worker: {worker_id: not-a-uuid}", "worker_id");
+        refused("logs: {root: relative/logs}", "absolute");
+        refused(
+            "registry: {credentials: {r: {username: u, password_file: /nonexistent/pw}}}",
+            "registry.credentials.r",
+        );
+        let e = Config::from_yaml_and_env("", env(&[("IMAGE_WORKER__WORKER__CONCURRENCY", "abc")]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("IMAGE_WORKER__WORKER__CONCURRENCY"), "{e}");
     }
 
     #[test]

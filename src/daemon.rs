@@ -638,21 +638,27 @@ impl Daemon {
             Err(rejection) => {
                 let reason = rejection.to_string();
                 tracing::warn!(routing_key = %routing_key, reason = %reason, bytes = delivery.data.len(), "message is not a job: dead-lettered");
-                let props = BasicProperties::default()
-                    .with_headers(broker::error_headers(&reason, &routing_key));
+                let props =
+                    broker::dead_letter_properties(&delivery.properties, &reason, &routing_key);
                 let outcome = self
                     .publisher
                     .publish_reliably(
                         "",
                         &self.topology.dead_queue(),
-                        &delivery.data,
+                        &dead_letter_body(&delivery.data),
                         props,
                         true,
                         &stop,
                     )
                     .await;
                 self.ctx.metrics.dead_lettered();
-                settle(&delivery, outcome.map_err(|e| e.to_string()), "dead-letter").await;
+                settle(
+                    &delivery,
+                    outcome.map_err(|e| e.to_string()),
+                    "dead-letter",
+                    None,
+                )
+                .await;
                 return;
             }
         };
@@ -682,7 +688,7 @@ impl Daemon {
                 let outcome = self
                     .publish_report(&finished, reply_to.iter().cloned().collect(), &stop)
                     .await;
-                settle(&delivery, outcome, "report").await;
+                settle(&delivery, outcome, "report", Some(&uuid)).await;
                 return;
             }
         };
@@ -694,7 +700,7 @@ impl Daemon {
                 .publish_report(&stored, self.jobs.reply_to(&uuid), &stop)
                 .await;
             for d in self.jobs.finish(&uuid) {
-                settle(&d, outcome.clone(), "report").await;
+                settle(&d, outcome.clone(), "report", Some(&uuid)).await;
             }
             return;
         }
@@ -717,6 +723,11 @@ impl Daemon {
                 self.jobs.finish(&uuid);
                 self.ctx.metrics.job_finished(job_type.as_str(), "interrupted", started.elapsed());
                 tracing::warn!(job = %uuid, "job interrupted by shutdown; it goes back to the queue");
+                crate::joblog::append_line(
+                    &self.ctx.config.logs.root,
+                    &uuid,
+                    "WARN attempt interrupted by the worker's shutdown; the job goes back to the queue",
+                );
                 return;
             }
         };
@@ -731,7 +742,7 @@ impl Daemon {
             .publish_report(&finished, self.jobs.reply_to(&uuid), &stop)
             .await;
         for d in self.jobs.finish(&uuid) {
-            settle(&d, outcome.clone(), "report").await;
+            settle(&d, outcome.clone(), "report", Some(&uuid)).await;
         }
         if let (Ok(()), Some(lease)) = (&outcome, lease)
             && let Some(p) = self.publisher.current()
@@ -814,7 +825,7 @@ impl Daemon {
             }
         };
         for d in self.jobs.take_deliveries(&uuid) {
-            settle(&d, Ok(()), "lease").await;
+            settle(&d, Ok(()), "lease", Some(&uuid)).await;
         }
         tracing::info!(job = %uuid, queue = lease.queue(), lease_s = jobs.lease_s, "long job: its message is now held by a lease");
         loop {
@@ -848,11 +859,29 @@ fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
         })
 }
 
-async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str) {
+/// A message that is not a job, as kept in the dead-letter queue: byte for byte, except that a
+/// JSON body has its secret-looking fields masked (it may be a job gone wrong, password included).
+fn dead_letter_body(body: &[u8]) -> Vec<u8> {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(mut value) => {
+            let before = value.clone();
+            crate::secrets::SecretMask::default().mask_json(&mut value);
+            if value == before {
+                body.to_vec()
+            } else {
+                serde_json::to_vec(&value).unwrap_or_else(|_| body.to_vec())
+            }
+        }
+        Err(_) => body.to_vec(),
+    }
+}
+
+async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str, uuid: Option<&str>) {
+    let job = uuid.unwrap_or("-");
     let result = match outcome {
         Ok(()) => delivery.acker.ack(BasicAckOptions::default()).await,
         Err(e) => {
-            tracing::error!(error = %e, "{what} not confirmed by the broker: returning the message to the queue");
+            tracing::error!(job, error = %e, "{what} not confirmed by the broker: returning the message to the queue");
             delivery
                 .acker
                 .nack(BasicNackOptions {
@@ -863,6 +892,6 @@ async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str) {
         }
     };
     if let Err(e) = result {
-        tracing::debug!(error = %e, "cannot settle the delivery (its channel is gone); the broker delivers it again");
+        tracing::debug!(job, error = %e, "cannot settle the delivery (its channel is gone); the broker delivers it again");
     }
 }

@@ -142,10 +142,10 @@ pub fn classify_message(message: &str) -> Option<EngineErrorKind> {
     }
 }
 
-/// Connects to the engine named by `host` (or `DOCKER_HOST`, or the local socket) and negotiates
-/// the API version with it: the engine may be older than the client's default.
-pub async fn connect(host: Option<&str>) -> Result<Docker, EngineError> {
-    let docker = match host {
+/// A client for the engine named by `host`, not yet checked: the first request says whether
+/// the engine is there.
+pub fn client(host: Option<&str>) -> Result<Docker, EngineError> {
+    match host {
         Some(h) if h.starts_with("unix://") || h.starts_with('/') => {
             Docker::connect_with_unix(h, 120, bollard::API_DEFAULT_VERSION)
         }
@@ -157,7 +157,13 @@ pub async fn connect(host: Option<&str>) -> Result<Docker, EngineError> {
             EngineErrorKind::EngineUnavailable,
             format!("cannot connect to the Docker engine: {e}"),
         )
-    })?;
+    })
+}
+
+/// Connects to the engine named by `host` (or `DOCKER_HOST`, or the local socket) and negotiates
+/// the API version with it: the engine may be older than the client's default.
+pub async fn connect(host: Option<&str>) -> Result<Docker, EngineError> {
+    let docker = client(host)?;
     docker.negotiate_version().await.map_err(|e| {
         EngineError::new(
             EngineErrorKind::EngineUnavailable,

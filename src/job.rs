@@ -137,6 +137,23 @@ pub struct InvalidJob {
     pub job_type: JobType,
     pub raw: Map<String, Value>,
     pub message: String,
+    /// The report's `error.kind`: `invalid_job`, or why the job could not even start.
+    pub kind: &'static str,
+    pub retryable: bool,
+}
+
+impl InvalidJob {
+    /// A valid job that cannot start here (e.g. the engine does not answer `image-worker job`).
+    pub fn cannot_start(job: &Job, kind: &'static str, message: String, retryable: bool) -> Self {
+        Self {
+            uuid: job.uuid.clone(),
+            job_type: job.job_type,
+            raw: job.raw.clone(),
+            message,
+            kind,
+            retryable,
+        }
+    }
 }
 
 /// Parses and validates a job message body.
@@ -153,8 +170,9 @@ pub fn parse_job(body: &[u8], max_bytes: usize) -> Result<Result<Job, InvalidJob
         return Err(Rejection::NotAnObject);
     };
     let uuid = match raw.get("uuid") {
+        // Checked, but kept as sent: the sender matches its report by this exact string.
         Some(Value::String(s)) => uuid::Uuid::parse_str(s)
-            .map(|u| u.to_string())
+            .map(|_| s.clone())
             .map_err(|e| Rejection::BadUuid(format!("{s:?}: {e}")))?,
         Some(other) => {
             return Err(Rejection::BadUuid(format!(
@@ -176,6 +194,8 @@ pub fn parse_job(body: &[u8], max_bytes: usize) -> Result<Result<Job, InvalidJob
     };
     Ok(
         validate(uuid.clone(), job_type, &raw).map_err(|message| InvalidJob {
+            kind: "invalid_job",
+            retryable: false,
             uuid,
             job_type,
             raw: raw.clone(),

@@ -20,6 +20,15 @@ pub fn logs_dir_for(root: &Path, uuid: &str, at: DateTime<Utc>) -> PathBuf {
         .join(uuid)
 }
 
+/// Appends one line to a job's `job.log` from outside its run (the run was interrupted, so its
+/// log could not say so itself). Best effort.
+pub fn append_line(root: &Path, uuid: &str, text: &str) {
+    let path = logs_dir_for(root, uuid, Utc::now()).join("job.log");
+    if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(path) {
+        let _ = writeln!(f, "{} {text}", Utc::now().format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
     Info,

@@ -237,6 +237,7 @@ pub async fn run_job(
         Err(invalid) => (invalid.uuid.clone(), invalid.job_type, invalid.raw.clone()),
     };
     let mask = job_secrets(ctx, &input);
+    let mut log_error = None;
     let log = match JobLog::create(
         &ctx.config.logs.root,
         &uuid,
@@ -257,11 +258,16 @@ pub async fn run_job(
                 "cannot write the job log under {}: {e}",
                 log.dir().display()
             ));
+            log_error = Some(format!(
+                "the job log could not be written under {}: {e}",
+                log.dir().display()
+            ));
             log
         }
     };
     let events = JobEvents::new(events, &uuid, job_type, &ctx.worker.worker_id);
     let mut report = base_report(ctx, &uuid, job_type, &raw, &input, &log, started, delivery);
+    report.warnings.extend(log_error);
 
     log.info(format!(
         "{} job {uuid} started on worker {} ({}){}",
@@ -275,7 +281,11 @@ pub async fn run_job(
         }
     ));
     let outcome = match &input {
-        Err(invalid) => Err(JobError::new("invalid_job", invalid.message.clone(), false)),
+        Err(invalid) => Err(JobError::new(
+            invalid.kind,
+            invalid.message.clone(),
+            invalid.retryable,
+        )),
         Ok(job) => {
             let limit = job.timeout(ctx.config.jobs.default_timeout_s);
             // Dropping the steps' future drops the engine requests, which stops the engine's work.
@@ -432,6 +442,17 @@ fn base_report(
         Err(_) => (text("name"), text("tag"), text("group"), text("push_url")),
     };
     let mut data = raw.clone();
+    // A build file too large to be read is too large to be scanned for its secrets: it is not
+    // echoed at all.
+    let yaml_limit = ctx.config.build.max_yaml_bytes;
+    let mut yaml_content = text("yaml_content");
+    if yaml_content.len() > yaml_limit {
+        yaml_content = format!(
+            "<not shown: {} bytes, over the {yaml_limit}-byte limit>",
+            yaml_content.len()
+        );
+        data.insert("yaml_content".into(), Value::String(yaml_content.clone()));
+    }
     let has_credentials = raw
         .get("username")
         .and_then(Value::as_str)
@@ -445,7 +466,7 @@ fn base_report(
         status: Status::Running,
         record_type: job_type.report_type().to_string(),
         custom: job_type != JobType::Pull,
-        yaml_content: text("yaml_content"),
+        yaml_content,
         container_details: ContainerDetails::default(),
         size: 0,
         virtual_size: 0,

@@ -24,6 +24,11 @@ pub async fn run_pull(
     let reference = job.source_reference();
     let tag_or_digest = job.digest.clone().unwrap_or_else(|| job.tag.clone());
     let registry = reference::registry_host(&job.push_url);
+    // Checked before pulling: a group that cannot be a mirror namespace fails at once.
+    let mirror = match &ctx.config.registry.mirror {
+        Some(m) => Some(mirror_namespace(m, &job.group)?),
+        None => None,
+    };
 
     let cached = if job.pin_version {
         engine::inspect_image(&ctx.docker, &reference).await?
@@ -81,6 +86,22 @@ pub async fn run_pull(
                 true,
             )
         })?;
+    // The engine pulls another platform's image with only a warning when the registry has none
+    // for the one asked; a record of the wrong platform is not a success.
+    if let Some(platform) = &job.platform {
+        let got = format!(
+            "{}/{}",
+            inspect.os.as_deref().unwrap_or("?"),
+            inspect.architecture.as_deref().unwrap_or("?")
+        );
+        if !platform.starts_with(&got) {
+            return Err(JobError::new(
+                "not_found",
+                format!("{reference} has no {platform} image (the registry gave {got})"),
+                false,
+            ));
+        }
+    }
     pipeline::apply_inspect(report, &inspect);
     report.image = Some(reference.clone());
     report.digest = job
@@ -94,8 +115,8 @@ pub async fn run_pull(
         report.digest.as_deref().unwrap_or("unknown")
     ));
 
-    if let Some(mirror) = &ctx.config.registry.mirror {
-        push_to_mirror(ctx, job, log, events, report, mirror, &reference).await?;
+    if let Some(namespace) = &mirror {
+        push_to_mirror(ctx, job, log, events, report, namespace, &reference).await?;
     }
 
     if job.discover {
@@ -104,6 +125,24 @@ pub async fn run_pull(
         log.info("discovery skipped (discover: false)");
     }
     Ok(())
+}
+
+/// `<mirror>/<group>`: where a pulled image is mirrored. Groups are lowercased (repository
+/// names are lowercase), so `QA-Team` and `qa-team` share a namespace.
+fn mirror_namespace(mirror: &str, group: &str) -> Result<String, JobError> {
+    let namespace = format!(
+        "{}/{}",
+        mirror.trim_end_matches('/'),
+        group.to_ascii_lowercase()
+    );
+    reference::validate_push_url(&namespace).map_err(|e| {
+        JobError::new(
+            "invalid_job",
+            format!("cannot mirror into group {group:?}: {e}"),
+            false,
+        )
+    })?;
+    Ok(namespace)
 }
 
 fn pull_error(e: EngineError, reference: &str) -> JobError {
@@ -131,23 +170,11 @@ async fn push_to_mirror(
     log: &JobLog,
     events: &JobEvents,
     report: &mut Report,
-    mirror: &str,
+    namespace: &str,
     reference: &str,
 ) -> Result<(), JobError> {
-    let namespace = format!(
-        "{}/{}",
-        mirror.trim_end_matches('/'),
-        job.group.to_ascii_lowercase()
-    );
-    reference::validate_push_url(&namespace).map_err(|e| {
-        JobError::new(
-            "invalid_job",
-            format!("cannot mirror into group {:?}: {e}", job.group),
-            false,
-        )
-    })?;
     let target_repo = format!("{namespace}/{}", job.name);
-    let registry = reference::registry_host(mirror);
+    let registry = reference::registry_host(namespace);
     engine::tag_image(&ctx.docker, reference, &target_repo, &job.tag).await?;
     log.info(format!("pushing to the mirror: {target_repo}:{}", job.tag));
     events.running("pushing", Progress::default());
@@ -185,7 +212,7 @@ async fn push_to_mirror(
         err
     })?;
     ctx.metrics.add_bytes_pushed(pushed.current);
-    report.push_url = namespace;
+    report.push_url = namespace.to_string();
     report.image = Some(format!("{target_repo}:{}", job.tag));
     if digest.is_some() {
         report.digest = digest;

@@ -62,7 +62,8 @@ impl SecretMask {
             serde_json::Value::Array(items) => items.iter_mut().for_each(|v| self.mask_json(v)),
             serde_json::Value::Object(map) => {
                 for (key, v) in map.iter_mut() {
-                    if is_secret_field(key) && !v.is_null() {
+                    // Booleans and numbers are flags (`default_credential`), not secrets.
+                    if is_secret_field(key) && (v.is_string() || v.is_object() || v.is_array()) {
                         *v = serde_json::Value::String(MASK.into());
                     } else {
                         self.mask_json(v);
@@ -74,17 +75,34 @@ impl SecretMask {
     }
 }
 
-/// Whether a field of that name holds a secret.
+/// Parts of a field name that make its value a secret.
+const SECRET_NAME_PARTS: &[&str] = &[
+    "password",
+    "passwd",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "private_key",
+    "ssh_key",
+    "credential",
+];
+
+/// Whether a field of that name holds a secret: the known names, and any name containing
+/// `password`, `token`, `secret`, `api_key`, `private_key`, `credential`... (`auth` alone too).
 pub fn is_secret_field(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    SECRET_FIELDS.iter().any(|f| name == *f) || name.ends_with("_password")
+    SECRET_FIELDS.iter().any(|f| name == *f)
+        || name == "auth"
+        || SECRET_NAME_PARTS.iter().any(|p| name.contains(p))
 }
 
 /// Replaces `user:password@` in any URL of `text` with `********@`.
 pub fn mask_url_credentials(text: &str) -> String {
     static URL_CREDENTIALS: OnceLock<Regex> = OnceLock::new();
     let re = URL_CREDENTIALS
-        .get_or_init(|| Regex::new(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@").unwrap());
+        // Up to the last '@' before the path: a password may hold an unencoded '@'.
+        .get_or_init(|| Regex::new(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/\s]*@").unwrap());
     re.replace_all(text, format!("${{scheme}}{MASK}@").as_str())
         .into_owned()
 }
@@ -99,7 +117,7 @@ mod tests {
         m.add("hunter2-long");
         m.add("x"); // too short to mask
         let text =
-            "login with hunter2-long to https://bob:pw@reg.example/v2/ and amqp://u:p@h:5672";
+            "login with hunter2-long to https://bob:pw@reg.example/v2/ and amqp://u:S@P@h:5672";
         let out = m.mask(text);
         assert_eq!(
             out,
@@ -125,7 +143,12 @@ mod tests {
             "name": "n",
             "nested": {"note": "it is s3cr3t-value here", "registry_password": "p"},
             "list": ["s3cr3t-value"],
-            "null_password": null
+            "null_password": null,
+            "access_token": "t0k3n-value",
+            "API_KEY": "k3y-value",
+            "passwd": "pw-value",
+            "auth": "basic xyz",
+            "default_credential": true
         });
         m.mask_json(&mut v);
         assert_eq!(
@@ -136,7 +159,12 @@ mod tests {
                 "name": "n",
                 "nested": {"note": "it is ******** here", "registry_password": MASK},
                 "list": [MASK],
-                "null_password": null
+                "null_password": null,
+                "access_token": MASK,
+                "API_KEY": MASK,
+                "passwd": MASK,
+                "auth": MASK,
+                "default_credential": true
             })
         );
     }

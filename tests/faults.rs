@@ -535,13 +535,15 @@ async fn five_hundred_queued_jobs_across_three_workers() {
     let _one = serial();
     let prefix = unique("f-many");
     // Queue first, then start the workers: they compete for the backlog.
-    let setup_worker = Worker::start_with_prefix(&prefix, fault_options(""));
-    drop(setup_worker);
     let mut results = Results::new(&prefix).await;
     let conn = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
         .await
         .unwrap();
     let ch = conn.create_channel().await.unwrap();
+    image_worker::broker::Topology::new(&prefix)
+        .declare(&ch, &[("image".to_string(), "general".to_string())])
+        .await
+        .unwrap();
     ch.confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
         .unwrap();

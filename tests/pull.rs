@@ -252,13 +252,23 @@ async fn bad_input_gets_a_clear_outcome_and_the_worker_goes_on() {
         .expect("dead letter");
     assert_eq!(reason, "message is JSON but not an object");
     broker
-        .publish_raw("general", br#"{"type": "pull", "name": "x"}"#, "x3")
+        .publish_raw(
+            "general",
+            br#"{"type": "pull", "name": "x", "password": "dead-letter-pw"}"#,
+            "x3",
+        )
         .await;
-    let (_, reason) = broker
+    let (body, reason) = broker
         .get_dead(Duration::from_secs(30))
         .await
         .expect("dead letter");
     assert!(reason.contains("uuid"), "{reason}");
+    // Kept for the operator, but never with a password in it.
+    let kept: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(
+        kept,
+        json!({"type": "pull", "name": "x", "password": "********"})
+    );
     broker
         .publish_raw(
             "general",
@@ -309,6 +319,15 @@ async fn bad_input_gets_a_clear_outcome_and_the_worker_goes_on() {
         .await;
     assert_eq!(r["error"]["kind"], "registry_unreachable", "{r:#}");
     assert_eq!(r["error"]["retryable"], true);
+
+    // An uppercase uuid is valid and comes back exactly as sent.
+    let mut upper = pull_job("basic");
+    let upper_uuid = new_uuid().to_uppercase();
+    upper["uuid"] = json!(upper_uuid);
+    broker.publish_job(&upper).await;
+    let r = broker.wait_reply(&upper_uuid, WAIT).await;
+    assert_eq!(r["uuid"], upper_uuid.as_str());
+    assert!(r["logs_dir"].as_str().unwrap().ends_with(&upper_uuid));
 
     // The worker still serves the next job.
     let good = pull_job("basic");
@@ -472,6 +491,52 @@ fn job_command_gives_the_same_report_without_a_broker() {
     assert_basic_discovery(&report);
     assert_eq!(report["image_id"], image_id(&fixture("basic")).as_str());
 
+    // An engine that does not answer: still a report, failed with engine_unavailable.
+    std::fs::write(&file, pull_job("basic").to_string()).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-worker"))
+        .args(["job"])
+        .arg(&file)
+        .env("IMAGE_WORKER__LOGS__ROOT", dir.join("logs"))
+        .env(
+            "IMAGE_WORKER__DOCKER__HOST",
+            "unix:///nonexistent/docker.sock",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["status"], "failed");
+    assert_eq!(report["error"]["kind"], "engine_unavailable", "{report:#}");
+    assert_eq!(report["error"]["retryable"], true);
+
+    // A job file that is not there: exit 66.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-worker"))
+        .args(["job", "/nonexistent/job.json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(66));
+
+    // submit checks a job as the worker would, before sending it: exit 64, nothing published.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-worker"))
+        .args([
+            "submit",
+            "pull",
+            "--name",
+            "Bad Name",
+            "--push-url",
+            "127.0.0.1:5000",
+            "--group",
+            "g",
+        ])
+        .env(
+            "IMAGE_WORKER__AMQP__URL",
+            "amqp://nobody:nothing@127.0.0.1:1/%2f",
+        )
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid repository name"));
+
     // Not a job at all: exit 65 and a reason, no report.
     std::fs::write(&file, "{\"uuid\": 5}").unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-worker"))
@@ -530,6 +595,23 @@ async fn pull_by_digest_and_platform() {
     assert_eq!(r2["jobs"], json!([]));
     assert_eq!(r2["discovery"], Value::Null);
     assert!(r2["logs"].as_str().unwrap().contains("discovery skipped"));
+
+    // A platform the registry does not have: the engine would pull amd64 with a mere warning.
+    let mut other_platform = pull_job("basic");
+    other_platform["platform"] = json!("linux/s390x");
+    broker.publish_job(&other_platform).await;
+    let r = broker
+        .wait_reply(other_platform["uuid"].as_str().unwrap(), WAIT)
+        .await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["kind"], "not_found");
+    assert!(
+        r["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("has no linux/s390x image"),
+        "{r:#}"
+    );
 
     // A digest the registry does not have: not_found.
     let mut unknown = pull_job("basic");

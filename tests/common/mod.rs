@@ -142,6 +142,10 @@ impl Worker {
             .stderr(std::fs::File::create(&stderr_path).unwrap())
             .spawn()
             .expect("start the worker");
+        PREFIX_USERS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(prefix.to_string());
         let mut worker = Worker {
             child: Some(child),
             prefix: prefix.to_string(),
@@ -245,13 +249,74 @@ impl Worker {
     }
 }
 
+/// Workers alive per AMQP prefix: the last one to go removes the prefix's queues.
+static PREFIX_USERS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
 impl Drop for Worker {
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
         }
+        let last = {
+            let mut users = PREFIX_USERS.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(i) = users.iter().position(|p| *p == self.prefix) {
+                users.remove(i);
+            }
+            !users.contains(&self.prefix)
+        };
+        // A failed test keeps everything for a look; a passed one leaves nothing behind.
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            if last {
+                remove_topology(&self.prefix);
+            }
+        }
     }
+}
+
+/// Deletes a test prefix's durable queues and exchanges from the shared broker.
+pub fn remove_topology(prefix: &str) {
+    let prefix = prefix.to_string();
+    // Drop runs inside the test's runtime; a runtime of its own needs a thread of its own.
+    let _ = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let Ok(conn) = Connection::connect(AMQP_URL, ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            for cap in ["image", "polaris_image"] {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .queue_delete(
+                            format!("{prefix}.jobs.{cap}.general").into(),
+                            Default::default(),
+                        )
+                        .await;
+                }
+            }
+            for queue in ["dead", "test-results"] {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .queue_delete(format!("{prefix}.{queue}").into(), Default::default())
+                        .await;
+                }
+            }
+            for exchange in ["jobs", "events", "control"] {
+                if let Ok(ch) = conn.create_channel().await {
+                    let _ = ch
+                        .exchange_delete(format!("{prefix}.{exchange}").into(), Default::default())
+                        .await;
+                }
+            }
+            let _ = conn.close(200, "cleanup".into()).await;
+        });
+    })
+    .join();
 }
 
 /// A test's own connection to the broker: publishes jobs and listens to everything on the
