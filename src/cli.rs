@@ -61,6 +61,7 @@ pub struct ConfigArg {
 }
 
 #[derive(Subcommand, Debug)]
+#[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
     /// Run the daemon: consume jobs from RabbitMQ until SIGTERM.
     Run {

@@ -25,7 +25,7 @@ pub enum Admission {
     /// The job is running here already; the delivery waits for its report.
     Attached,
     /// A cancel request came first: answer `cancelled` without running it.
-    Cancelled(Delivery),
+    Cancelled(Box<Delivery>),
 }
 
 struct Slot {
@@ -51,7 +51,7 @@ impl InFlight {
         if let Some(at) = inner.cancelled.remove(uuid)
             && at.elapsed() < CANCEL_MEMORY
         {
-            return Admission::Cancelled(delivery);
+            return Admission::Cancelled(Box::new(delivery));
         }
         let reply_to = delivery
             .properties
