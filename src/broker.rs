@@ -140,6 +140,63 @@ pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
     Connection::connect(url, properties).await
 }
 
+/// Opens a connection to the configured broker; an error names the URL with its password hidden.
+pub async fn connect_configured(
+    config: &crate::config::Config,
+    name: &str,
+) -> anyhow::Result<Connection> {
+    use anyhow::Context;
+    let url = config.amqp_url()?;
+    connect(&url, name).await.with_context(|| {
+        format!(
+            "cannot connect to {}",
+            crate::secrets::mask_url_credentials(&url)
+        )
+    })
+}
+
+/// A server-named exclusive queue bound to `exchange` with `routing_key`, consumed without acks:
+/// how a worker hears control messages and a submitter hears its job's events.
+pub async fn private_consumer(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+) -> lapin::Result<(ShortString, lapin::Consumer)> {
+    use lapin::options::BasicConsumeOptions;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            exchange.into(),
+            routing_key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    Ok((queue.name().clone(), consumer))
+}
+
 /// A channel in confirm mode: every publish waits for the broker's ack.
 #[derive(Clone)]
 pub struct Publisher {

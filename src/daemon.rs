@@ -14,7 +14,6 @@ use lapin::BasicProperties;
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
-    QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{FieldTable, ShortString};
 use serde_json::json;
@@ -413,16 +412,11 @@ impl Daemon {
     /// One broker connection's life. `Ok` means a graceful shutdown was asked for.
     async fn session(self: Arc<Self>) -> anyhow::Result<()> {
         let config = &self.ctx.config;
-        let url = config.amqp_url()?;
-        let connection =
-            broker::connect(&url, &format!("image-worker {}", self.ctx.worker.app_label))
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot connect to {}",
-                        crate::secrets::mask_url_credentials(&url)
-                    )
-                })?;
+        let connection = broker::connect_configured(
+            config,
+            &format!("image-worker {}", self.ctx.worker.app_label),
+        )
+        .await?;
         let publisher = Publisher::open(&connection).await?;
         self.topology
             .declare(publisher.channel(), &self.queues)
@@ -541,37 +535,9 @@ impl Daemon {
 
     /// An exclusive queue bound to the control exchange: this worker hears every cancel.
     async fn control_consumer(&self, channel: &lapin::Channel) -> lapin::Result<lapin::Consumer> {
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                self.topology.control_exchange().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        broker::private_consumer(channel, &self.topology.control_exchange(), "")
             .await
+            .map(|(_, consumer)| consumer)
     }
 
     /// `{"action": "cancel", "uuid": "..."}`.

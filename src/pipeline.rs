@@ -97,6 +97,41 @@ where
     }
 }
 
+/// Pushes `repository:tag` with `pushing` events and registry retries; returns the digest the
+/// registry gave. Shared by the mirror push of a pull and the push of a build.
+pub async fn push(
+    ctx: &JobContext,
+    log: &JobLog,
+    events: &JobEvents,
+    repository: &str,
+    tag: &str,
+    username: Option<&str>,
+    password: Option<&str>,
+) -> Result<Option<String>, JobError> {
+    let registry = crate::reference::registry_host(repository);
+    events.running("pushing", Progress::default());
+    let creds = crate::engine::credentials(registry, username, password);
+    let what = format!("pushing {repository}:{tag}");
+    let (digest, pushed) = with_registry_retries(ctx, log, &what, || {
+        crate::engine::push_image(
+            &ctx.docker,
+            repository,
+            tag,
+            creds.clone(),
+            |p| events.running("pushing", p),
+            |line| log.info(line),
+        )
+    })
+    .await
+    .map_err(|e| {
+        let mut err = JobError::from(e);
+        err.message = format!("{what} failed: {}", err.message);
+        err
+    })?;
+    ctx.metrics.add_bytes_pushed(pushed.current);
+    Ok(digest)
+}
+
 /// `d` plus up to half of it again, so workers that failed together do not retry together.
 pub fn jittered(d: Duration) -> Duration {
     let nanos = std::time::SystemTime::now()

@@ -177,7 +177,6 @@ async fn push_to_mirror(
     let registry = reference::registry_host(namespace);
     engine::tag_image(&ctx.docker, reference, &target_repo, &job.tag).await?;
     log.info(format!("pushing to the mirror: {target_repo}:{}", job.tag));
-    events.running("pushing", Progress::default());
     let (username, password) = match ctx.config.registry.credentials.get(registry) {
         Some(c) => (
             Some(c.username.clone()),
@@ -186,32 +185,16 @@ async fn push_to_mirror(
         ),
         None => (None, None),
     };
-    let creds = engine::credentials(registry, username.as_deref(), password.as_deref());
-    let (digest, pushed) = with_registry_retries(
+    let digest = pipeline::push(
         ctx,
         log,
-        &format!("pushing {target_repo}:{}", job.tag),
-        || {
-            engine::push_image(
-                &ctx.docker,
-                &target_repo,
-                &job.tag,
-                creds.clone(),
-                |p| events.running("pushing", p),
-                |line| log.info(line),
-            )
-        },
+        events,
+        &target_repo,
+        &job.tag,
+        username.as_deref(),
+        password.as_deref(),
     )
-    .await
-    .map_err(|e| {
-        let mut err = JobError::from(e);
-        err.message = format!(
-            "pushing to the mirror {target_repo}:{} failed: {}",
-            job.tag, err.message
-        );
-        err
-    })?;
-    ctx.metrics.add_bytes_pushed(pushed.current);
+    .await?;
     report.push_url = namespace.to_string();
     report.image = Some(format!("{target_repo}:{}", job.tag));
     if digest.is_some() {

@@ -5,8 +5,7 @@ use std::time::Duration;
 use anyhow::Context;
 use futures_util::StreamExt;
 use lapin::BasicProperties;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::{FieldTable, ShortString};
+use lapin::types::ShortString;
 use serde_json::{Map, Value};
 
 use crate::broker::{self, Publisher, Topology};
@@ -29,15 +28,7 @@ pub async fn cancel(config: &Config, uuid: &str) -> anyhow::Result<()> {
         .with_context(|| format!("{uuid:?} is not a uuid"))?
         .to_string();
     let topology = Topology::new(&config.amqp.prefix);
-    let url = config.amqp_url()?;
-    let connection = broker::connect(&url, "image-worker cancel")
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to {}",
-                crate::secrets::mask_url_credentials(&url)
-            )
-        })?;
+    let connection = broker::connect_configured(config, "image-worker cancel").await?;
     let publisher = Publisher::open(&connection).await?;
     topology.declare(publisher.channel(), &[]).await?;
     let body = serde_json::to_vec(&serde_json::json!({"action": "cancel", "uuid": uuid}))?;
@@ -73,15 +64,7 @@ pub async fn submit(
         .and_then(JobType::parse)
         .context("the job has no valid type")?;
     let topology = Topology::new(&config.amqp.prefix);
-    let url = config.amqp_url()?;
-    let connection = broker::connect(&url, "image-worker submit")
-        .await
-        .with_context(|| {
-            format!(
-                "cannot connect to {}",
-                crate::secrets::mask_url_credentials(&url)
-            )
-        })?;
+    let connection = broker::connect_configured(config, "image-worker submit").await?;
     let publisher = Publisher::open(&connection).await?;
     let cap = job_type.cap().to_string();
     // Declaring the job queue means a job sent before any worker of the pool started waits for one.
@@ -93,38 +76,14 @@ pub async fn submit(
     let mut props = BasicProperties::default().with_correlation_id(ShortString::from(uuid.clone()));
     if wait.is_some() {
         let channel = connection.create_channel().await?;
-        let queue = channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        channel
-            .queue_bind(
-                queue.name().clone(),
-                topology.events_exchange().into(),
-                format!("job.{}.running", job_type.as_str()).into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let consumer = channel
-            .basic_consume(
-                queue.name().clone(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        props = props.with_reply_to(queue.name().clone());
+        // One private queue: the running events (bound here) and the reply (sent to it by name).
+        let (queue, consumer) = broker::private_consumer(
+            &channel,
+            &topology.events_exchange(),
+            &format!("job.{}.running", job_type.as_str()),
+        )
+        .await?;
+        props = props.with_reply_to(queue);
         replies = Some((channel, consumer));
     }
     let body = serde_json::to_vec(&Value::Object(job))?;

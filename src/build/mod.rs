@@ -128,26 +128,16 @@ pub async fn build_push_discover(
             None => String::new(),
         }
     ));
-    events.running("pushing", Progress::default());
-    let creds = engine::credentials(&registry, username.as_deref(), password.as_deref());
-    let (digest, pushed) =
-        pipeline::with_registry_retries(ctx, log, &format!("pushing {reference}"), || {
-            engine::push_image(
-                &ctx.docker,
-                &build.repository,
-                &build.tag,
-                creds.clone(),
-                |p| events.running("pushing", p),
-                |line| log.info(line),
-            )
-        })
-        .await
-        .map_err(|e| {
-            let mut err = JobError::from(e);
-            err.message = format!("pushing {reference} failed: {}", err.message);
-            err
-        })?;
-    ctx.metrics.add_bytes_pushed(pushed.current);
+    let digest = pipeline::push(
+        ctx,
+        log,
+        events,
+        &build.repository,
+        &build.tag,
+        username.as_deref(),
+        password.as_deref(),
+    )
+    .await?;
 
     let inspect = engine::inspect_image(&ctx.docker, &reference)
         .await?
