@@ -411,6 +411,7 @@ async fn run_local_job(config: Config, file: &str) -> anyhow::Result<ExitCode> {
         docker,
         worker,
         metrics: Default::default(),
+        cache: Default::default(),
     };
     let finished = run_job(
         &ctx,

@@ -54,6 +54,20 @@ pub struct Config {
     pub polaris: PolarisConfig,
     /// The operations endpoint: /healthz, /readyz, /metrics.
     pub http: HttpConfig,
+    /// The budget of images this worker keeps on the engine.
+    pub cache: CacheConfig,
+}
+
+/// The images this worker pulled or built stay on the engine (for `pin_version` jobs) within
+/// this budget; past it, the least recently used go first, never one a running job uses, never
+/// an image the worker did not bring.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Most bytes of such images kept; 0 means no limit.
+    pub max_bytes: u64,
+    /// Least free bytes kept on the engine's filesystem (its DockerRootDir); 0 means no check.
+    pub min_free_bytes: u64,
 }
 
 /// The operations endpoint.

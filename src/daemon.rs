@@ -241,6 +241,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             docker,
             worker,
             metrics,
+            cache: Default::default(),
         }),
         queues,
         tracker: TaskTracker::new(),
@@ -716,6 +717,11 @@ impl Daemon {
         {
             tracing::warn!(job = %uuid, error = %e, queue = lease.queue(), "lease not released; it expires by itself");
         }
+        // After the report: the cache budget never delays one.
+        self.ctx
+            .cache
+            .enforce(&self.ctx.docker, &self.ctx.config.cache)
+            .await;
     }
 
     /// The final report: to the events exchange, then to each reply queue; confirmed.

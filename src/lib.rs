@@ -4,6 +4,7 @@
 //! `ARCHITECTURE.md` has the code map; `main.rs` only parses the command line.
 pub mod broker;
 pub mod build;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod daemon;

@@ -27,6 +27,7 @@ pub struct JobContext {
     pub docker: Docker,
     pub worker: WorkerInfo,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    pub cache: crate::cache::ImageCache,
 }
 
 /// Why a job failed.
@@ -366,6 +367,11 @@ pub async fn run_job(
             });
         }
     }
+    if report.image_held
+        && let Some(id) = &report.image_id
+    {
+        ctx.cache.release(id);
+    }
     report.date_updated = record_date(finished);
     report.finished_at = Some(insert_time(finished));
     report.logs = log.tail();
@@ -534,6 +540,7 @@ fn base_report(
         redelivered: delivery.redelivered,
         started_at: insert_time(started),
         finished_at: None,
+        image_held: false,
     }
 }
 
@@ -562,9 +569,17 @@ pub(crate) fn registry_credentials(
 }
 
 /// Fills the record's size, id and container details from the engine's inspect.
-pub(crate) fn apply_inspect(report: &mut Report, inspect: &ImageInspect) {
+/// Fills the record from the engine's inspect, and holds the image in the worker's cache until
+/// the job ends (no eviction takes an image a job is using).
+pub(crate) fn apply_inspect(ctx: &JobContext, report: &mut Report, inspect: &ImageInspect) {
     report.image_id = inspect.id.clone();
     report.size = inspect.size.unwrap_or(0);
+    if let Some(id) = &report.image_id
+        && !report.image_held
+    {
+        ctx.cache.hold(id, report.size.max(0) as u64);
+        report.image_held = true;
+    }
     // API 1.41 reports VirtualSize equal to Size for local images; later APIs dropped it.
     report.virtual_size = report.size;
     let mut detail = Map::new();

@@ -102,7 +102,7 @@ pub async fn run_pull(
             ));
         }
     }
-    pipeline::apply_inspect(report, &inspect);
+    pipeline::apply_inspect(ctx, report, &inspect);
     report.image = Some(reference.clone());
     report.digest = job
         .digest

@@ -167,6 +167,9 @@ pub struct Report {
     pub redelivered: bool,
     pub started_at: String,
     pub finished_at: Option<String>,
+    /// Whether this job holds its image in the worker's cache (internal, not reported).
+    #[serde(skip)]
+    pub image_held: bool,
 }
 
 impl Report {

@@ -125,3 +125,58 @@ fn systemd_unit_verifies() {
         "systemd-analyze verify: {said}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn image_cache_budget_removes_least_recently_used() {
+    // Three images of ~3.5 MB each (1.5 MB of their own over a shared busybox layer) against
+    // an 8 MB budget: after the third, the first goes; images the worker did not bring stay.
+    let images: Vec<String> = (0..3).map(|_| unique_image(1536 * 1024)).collect();
+    let worker = Worker::start(WorkerOptions {
+        extra_yaml: "cache:\n  max_bytes: 8000000\n".into(),
+        ..Default::default()
+    });
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let mut ids = Vec::new();
+    for name in &images {
+        let mut job = pull_job("basic");
+        job["name"] = serde_json::json!(name);
+        job["discover"] = serde_json::json!(false);
+        broker.publish_job(&job).await;
+        let r = broker
+            .wait_reply(job["uuid"].as_str().unwrap(), Duration::from_secs(120))
+            .await;
+        assert_eq!(r["status"], "successful", "{r:#}");
+        ids.push(r["image_id"].as_str().unwrap().to_string());
+    }
+    let present = |id: &str| {
+        std::process::Command::new("docker")
+            .args(["image", "inspect", id])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let start = std::time::Instant::now();
+    while present(&ids[0]) && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        !present(&ids[0]),
+        "the least recently used image is still there"
+    );
+    assert!(present(&ids[1]) && present(&ids[2]));
+    assert!(
+        present(&fixture("basic")),
+        "an image the worker did not bring was removed"
+    );
+    assert!(
+        worker
+            .log_text()
+            .contains("removed the least recently used image")
+    );
+    for id in &ids[1..] {
+        let _ = std::process::Command::new("docker")
+            .args(["rmi", "-f", id])
+            .output();
+    }
+}

@@ -148,7 +148,7 @@ pub async fn build_push_discover(
                 true,
             )
         })?;
-    pipeline::apply_inspect(report, &inspect);
+    pipeline::apply_inspect(ctx, report, &inspect);
     report.image = Some(reference.clone());
     report.push_url = build.namespace.clone();
     report.digest = digest.or_else(|| engine::repo_digest(&inspect, &build.repository));
