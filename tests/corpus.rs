@@ -38,7 +38,10 @@ fn corpus_dir() -> PathBuf {
 fn load_corpus() -> Vec<Case> {
     let index = std::fs::read_to_string(corpus_dir().join("index.tsv")).unwrap();
     let mut cases = Vec::new();
-    for line in index.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+    for line in index
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+    {
         let mut cols = line.split('\t');
         let (file, expected) = (cols.next().unwrap(), cols.next().expect("an outcome"));
         let expected = match expected.split_once(':') {
@@ -48,8 +51,7 @@ fn load_corpus() -> Vec<Case> {
             }
             _ => panic!("{file}: bad outcome {expected:?}"),
         };
-        let body = std::fs::read(corpus_dir().join(file))
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let body = std::fs::read(corpus_dir().join(file)).unwrap_or_else(|e| panic!("{file}: {e}"));
         cases.push(Case {
             file: file.to_string(),
             body,
@@ -98,7 +100,11 @@ async fn bad_message_corpus_gives_exact_outcomes_and_the_worker_survives() {
                     .get_dead(WAIT)
                     .await
                     .unwrap_or_else(|| panic!("{}: not dead-lettered", case.file));
-                assert_eq!(body, case.body, "{}: dead letter is another message", case.file);
+                assert_eq!(
+                    body, case.body,
+                    "{}: dead letter is another message",
+                    case.file
+                );
                 assert!(
                     x_error.contains(reason.as_str()),
                     "{}: x-error {x_error:?} lacks {reason:?}",
@@ -130,10 +136,17 @@ async fn bad_message_corpus_gives_exact_outcomes_and_the_worker_survives() {
                 assert_eq!(report["uuid"], uuid.as_str(), "{}", case.file);
                 assert_seed_shape(&report);
                 let text = report.to_string();
-                if case.body.windows(CORPUS_SECRET.len()).any(|w| w == CORPUS_SECRET.as_bytes())
+                if case
+                    .body
+                    .windows(CORPUS_SECRET.len())
+                    .any(|w| w == CORPUS_SECRET.as_bytes())
                     && sent.get("password").is_some()
                 {
-                    assert!(!text.contains(CORPUS_SECRET), "{}: password in the report", case.file);
+                    assert!(
+                        !text.contains(CORPUS_SECRET),
+                        "{}: password in the report",
+                        case.file
+                    );
                 }
                 failed += 1;
             }
@@ -171,9 +184,7 @@ async fn bad_message_corpus_gives_exact_outcomes_and_the_worker_survives() {
     let invalid_pulls = cases
         .iter()
         .filter(|c| matches!(c.expected, Expected::Failed(_)))
-        .filter(|c| {
-            serde_json::from_slice::<Value>(&c.body).unwrap()["type"] == "pull"
-        })
+        .filter(|c| serde_json::from_slice::<Value>(&c.body).unwrap()["type"] == "pull")
         .count();
     assert!(
         metrics.contains(&format!(

@@ -88,10 +88,7 @@ impl Manifests {
                     .iter()
                     .find(|v| v["name"] == m["name"])
                     .unwrap_or_else(|| panic!("mount {} has no volume", m["name"]));
-                (
-                    m["mountPath"].as_str().unwrap().to_string(),
-                    volume.clone(),
-                )
+                (m["mountPath"].as_str().unwrap().to_string(), volume.clone())
             })
             .collect()
     }
@@ -130,7 +127,10 @@ impl Manifests {
             .iter()
             .map(|a| a.as_str().unwrap())
             .collect();
-        let at = args.iter().position(|a| *a == "--config").expect("--config");
+        let at = args
+            .iter()
+            .position(|a| *a == "--config")
+            .expect("--config");
         let path = args[at + 1].to_string();
         let (dir, file) = path.rsplit_once('/').unwrap();
         let (_, volume) = self
@@ -160,9 +160,15 @@ impl Manifests {
 #[test]
 fn every_document_parses_with_the_expected_kinds() {
     let docs = documents();
-    let mut kinds: Vec<&str> = docs.iter().map(|(_, d)| d["kind"].as_str().unwrap()).collect();
+    let mut kinds: Vec<&str> = docs
+        .iter()
+        .map(|(_, d)| d["kind"].as_str().unwrap())
+        .collect();
     kinds.sort();
-    assert_eq!(kinds, ["ConfigMap", "Deployment", "Kustomization", "Secret"]);
+    assert_eq!(
+        kinds,
+        ["ConfigMap", "Deployment", "Kustomization", "Secret"]
+    );
     for (file, doc) in &docs {
         assert!(doc["apiVersion"].is_string(), "{file}: no apiVersion");
     }
@@ -187,7 +193,10 @@ fn every_document_parses_with_the_expected_kinds() {
     let m = Manifests::load();
     let selector = &m.deployment["spec"]["selector"]["matchLabels"];
     for (k, v) in selector.as_object().unwrap() {
-        assert_eq!(&m.deployment["spec"]["template"]["metadata"]["labels"][k], v);
+        assert_eq!(
+            &m.deployment["spec"]["template"]["metadata"]["labels"][k],
+            v
+        );
     }
 }
 
@@ -222,7 +231,10 @@ fn probes_reach_the_http_endpoint() {
     let m = Manifests::load();
     let config = m.effective_config();
     let (host, port) = config.http.listen.rsplit_once(':').unwrap();
-    assert_eq!(host, "0.0.0.0", "probes come from the kubelet, not loopback");
+    assert_eq!(
+        host, "0.0.0.0",
+        "probes come from the kubelet, not loopback"
+    );
     let port: u64 = port.parse().unwrap();
     let c = m.container();
     let ports = c["ports"].as_array().unwrap();
@@ -304,7 +316,8 @@ fn environment_names_are_config_keys() {
     // Anything else is a variable the binary reads itself.
     for (name, _) in &env {
         assert!(
-            name.starts_with(ENV_PREFIX) || ["RUST_LOG", "IMAGE_WORKER_LOG_FORMAT"].contains(&name.as_str()),
+            name.starts_with(ENV_PREFIX)
+                || ["RUST_LOG", "IMAGE_WORKER_LOG_FORMAT"].contains(&name.as_str()),
             "{name} is read by nothing"
         );
     }
@@ -327,7 +340,10 @@ fn mounts_secrets_and_socket() {
     let mut password_files = 0;
     for (host, credentials) in &config.registry.credentials {
         let Some(file) = &credentials.password_file else {
-            assert!(credentials.password.is_none(), "{host}: password in the ConfigMap");
+            assert!(
+                credentials.password.is_none(),
+                "{host}: password in the ConfigMap"
+            );
             continue;
         };
         let file = file.to_string_lossy();
@@ -350,12 +366,17 @@ fn mounts_secrets_and_socket() {
     assert!(password_files >= 1);
     // The root filesystem is read-only: the logs root and /tmp are volumes.
     let logs_root = config.logs.root.to_string_lossy().to_string();
-    assert!(mounts.contains_key(&logs_root), "{logs_root} is not a volume");
+    assert!(
+        mounts.contains_key(&logs_root),
+        "{logs_root} is not a volume"
+    );
     assert!(mounts.contains_key("/tmp"));
     // The config and secrets are mounted read-only.
     let c = m.container();
     for mount in c["volumeMounts"].as_array().unwrap() {
-        if ["/etc/image-worker", "/run/secrets/image-worker"].contains(&mount["mountPath"].as_str().unwrap()) {
+        if ["/etc/image-worker", "/run/secrets/image-worker"]
+            .contains(&mount["mountPath"].as_str().unwrap())
+        {
             assert_eq!(mount["readOnly"], true, "{mount}");
         }
     }
