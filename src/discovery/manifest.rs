@@ -38,7 +38,7 @@ pub struct Profile {
 }
 
 /// Parses a manifest's bytes; the error is the reason it is broken, for a warning.
-pub(crate) fn parse_manifest(file: &str, bytes: &[u8]) -> Result<Manifest, String> {
+pub fn parse_manifest(file: &str, bytes: &[u8]) -> Result<Manifest, String> {
     let doc: Yaml = serde_yaml::from_slice(bytes).map_err(|e| format!("invalid YAML: {e}"))?;
     let Yaml::Mapping(doc) = doc else {
         return Err("not a YAML mapping".into());

@@ -24,7 +24,7 @@ use bollard::Docker;
 use bollard::errors::Error as EngineError;
 use serde::{Deserialize, Serialize};
 
-pub use manifest::{DEFAULT_PROFILE, Manifest, Profile};
+pub use manifest::{DEFAULT_PROFILE, Manifest, Profile, parse_manifest};
 pub use rules::DEFAULT_JOB_MATCH;
 
 use findings::Findings;

@@ -211,6 +211,14 @@ impl Worker {
         (code, body)
     }
 
+    /// Is the worker process still running (not exited, not a zombie)?
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
     }
