@@ -402,7 +402,9 @@ impl Config {
             })?,
             None => String::new(),
         };
-        Self::from_yaml_and_env(&text, std::env::vars())
+        let config = Self::from_yaml_and_env(&text, std::env::vars())?;
+        config.check_secrets()?;
+        Ok(config)
     }
 
     /// Parses YAML text and applies `IMAGE_WORKER__*` overrides from `env`.
@@ -497,17 +499,8 @@ impl Config {
                 self.http.listen
             ));
         }
-        let url = self.amqp_url()?;
-        if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
-            return invalid(format!(
-                "the AMQP URL {} must start with amqp:// or amqps://",
-                crate::secrets::mask_url_credentials(&url)
-            ));
-        }
-        for (host, creds) in &self.registry.credentials {
-            creds
-                .resolve_password()
-                .map_err(|e| ConfigError::Invalid(format!("registry.credentials.{host}: {e}")))?;
+        if self.amqp.url_file.is_none() {
+            check_amqp_scheme(&self.amqp.url)?;
         }
         if self.jobs.lease_s < 3 {
             return Err(ConfigError::Invalid(
@@ -549,12 +542,36 @@ impl Config {
         Ok(())
     }
 
+    /// What only the host can tell: the secret files named exist and hold usable values. `load`
+    /// runs it (the commands run where the files are); a config checked elsewhere (a manifest
+    /// in a test) skips it.
+    pub fn check_secrets(&self) -> Result<(), ConfigError> {
+        check_amqp_scheme(&self.amqp_url()?)?;
+        for (host, creds) in &self.registry.credentials {
+            creds
+                .resolve_password()
+                .map_err(|e| ConfigError::Invalid(format!("registry.credentials.{host}: {e}")))?;
+        }
+        Ok(())
+    }
+
     /// The AMQP URL, read from `amqp.url_file` when set.
     pub fn amqp_url(&self) -> Result<String, ConfigError> {
         match &self.amqp.url_file {
             Some(path) => read_secret_file(path),
             None => Ok(self.amqp.url.clone()),
         }
+    }
+}
+
+fn check_amqp_scheme(url: &str) -> Result<(), ConfigError> {
+    if url.starts_with("amqp://") || url.starts_with("amqps://") {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid(format!(
+            "the AMQP URL {} must start with amqp:// or amqps://",
+            crate::secrets::mask_url_credentials(url)
+        )))
     }
 }
 
@@ -690,7 +707,13 @@ mod tests {
             assert!(e.contains(want), "{yaml}: {e}");
         };
         refused("amqp: {url: 'http://x'}", "amqp://");
-        refused(
+        // Secret files are checked where the worker runs (`load`), not in the file's syntax.
+        let secrets_refused = |yaml: &str, want: &str| {
+            let c = Config::from_yaml_and_env(yaml, env(&[])).unwrap();
+            let e = c.check_secrets().unwrap_err().to_string();
+            assert!(e.contains(want), "{yaml}: {e}");
+        };
+        secrets_refused(
             "amqp: {url_file: /nonexistent/amqp-url}",
             "/nonexistent/amqp-url",
         );
@@ -699,7 +722,7 @@ mod tests {
         refused("worker: {heartbeat_interval_s: 0}", "heartbeat_interval_s");
         refused("worker: {worker_id: not-a-uuid}", "worker_id");
         refused("logs: {root: relative/logs}", "absolute");
-        refused(
+        secrets_refused(
             "registry: {credentials: {r: {username: u, password_file: /nonexistent/pw}}}",
             "registry.credentials.r",
         );

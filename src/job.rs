@@ -170,7 +170,13 @@ pub fn parse_job(body: &[u8], max_bytes: usize) -> Result<Result<Job, InvalidJob
         return Err(Rejection::NotAnObject);
     };
     let uuid = match raw.get("uuid") {
-        // Checked, but kept as sent: the sender matches its report by this exact string.
+        // Checked in its hyphenated form only (it names a directory), but kept as sent, case
+        // included: the sender matches its report by this exact string.
+        Some(Value::String(s)) if s.len() != 36 => {
+            return Err(Rejection::BadUuid(format!(
+                "{s:?}: expected the hyphenated form, e.g. 1d252f72-181b-4af8-91d1-da34f248a004"
+            )));
+        }
         Some(Value::String(s)) => uuid::Uuid::parse_str(s)
             .map(|_| s.clone())
             .map_err(|e| Rejection::BadUuid(format!("{s:?}: {e}")))?,
@@ -392,10 +398,20 @@ mod tests {
             parse(serde_json::json!({"type": "pull"})),
             Err(Rejection::BadUuid(_))
         ));
-        assert!(matches!(
-            parse(serde_json::json!({"uuid": "nope", "type": "pull"})),
-            Err(Rejection::BadUuid(_))
-        ));
+        for odd in [
+            "nope",
+            "urn:uuid:1d252f72-181b-4af8-91d1-da34f248a004",
+            "{1d252f72-181b-4af8-91d1-da34f248a004}",
+            "1d252f72181b4af891d1da34f248a004",
+        ] {
+            assert!(
+                matches!(
+                    parse(serde_json::json!({"uuid": odd, "type": "pull"})),
+                    Err(Rejection::BadUuid(_))
+                ),
+                "{odd}"
+            );
+        }
         assert!(matches!(
             parse(serde_json::json!({"uuid": UUID, "type": "delete"})),
             Err(Rejection::BadType(_))

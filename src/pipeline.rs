@@ -415,6 +415,17 @@ fn job_secrets(ctx: &JobContext, input: &Result<Job, InvalidJob>) -> SecretMask 
         Err(invalid) => &invalid.raw,
     };
     collect_secret_values(&Value::Object(raw.clone()), &mut mask);
+    // `user:password@host` in a push_url (refused by validation, but echoed in the report).
+    if let Some(Value::String(push_url)) = raw.get("push_url")
+        && let Some((userinfo, _)) = push_url.split('/').next().unwrap_or("").rsplit_once('@')
+    {
+        mask.add(
+            userinfo
+                .split_once(':')
+                .map_or(userinfo, |(_, p)| p)
+                .to_string(),
+        );
+    }
     // A build file's repository credentials, ssh keys and proxy passwords: masked everywhere,
     // the echoed `yaml_content` included.
     if let Some(Value::String(yaml)) = raw.get("yaml_content")

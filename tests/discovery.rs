@@ -194,7 +194,18 @@ async fn a_missing_image_is_an_error() {
 #[tokio::test]
 async fn the_archive_source_leaves_no_container_behind() {
     let docker = docker().await;
-    let image = fixture_image("layered");
+    // A tag of this test's own: other tests of this binary read `layered` at the same time, and
+    // their containers must not change the count.
+    let image = format!(
+        "{}-noleak{}",
+        fixture_image("layered"),
+        uuid::Uuid::new_v4().simple()
+    );
+    let tagged = std::process::Command::new("docker")
+        .args(["tag", &fixture_image("layered"), &image])
+        .status()
+        .unwrap();
+    assert!(tagged.success());
     let count = || async {
         let opts = ListContainersOptions {
             all: true,
@@ -233,6 +244,9 @@ async fn the_archive_source_leaves_no_container_behind() {
         Err(DiscoveryError::InvalidRules(_))
     ));
     assert_eq!(count().await, before);
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &image])
+        .output();
 }
 
 #[tokio::test]
