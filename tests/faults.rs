@@ -124,6 +124,58 @@ async fn sigkill_mid_pull_redelivers_to_another_worker() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_mid_build_redelivers_to_another_worker() {
+    let _one = serial();
+    let prefix = unique("f-killb");
+    let options = || {
+        let mut o = fault_options("");
+        o.extra_yaml
+            .push_str(&common::builds::build_worker_yaml(&[], ""));
+        o
+    };
+    let mut first = Worker::start_with_prefix(&prefix, options());
+    let mut results = Results::new(&prefix).await;
+    // A build whose last step takes a while; unique, so the engine's cache cannot skip it.
+    let marker = unique("slow");
+    let job = json!({
+        "uuid": new_uuid(),
+        "type": "build",
+        "group": "faults",
+        "name": format!("faults/{marker}"),
+        "tag": "1.0",
+        "push_url": OPEN_REGISTRY,
+        "yaml_content": format!("cmds:\n  post: 'echo {marker}; sleep 8'\n"),
+    });
+    let uuid = job["uuid"].as_str().unwrap().to_string();
+    publish_job(&prefix, &job).await;
+    results
+        .wait_progress(&uuid, "building", Duration::from_secs(120))
+        .await;
+    first.signal("KILL");
+    first.wait_exit(Duration::from_secs(10));
+
+    let _second = Worker::start_with_prefix(&prefix, options());
+    let report = results.wait_finals(1, Duration::from_secs(300)).await[0].clone();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    results.poll().await;
+    let (lost, twice) = figures(
+        "SIGKILL mid-build",
+        1,
+        &results.finals,
+        std::slice::from_ref(&uuid),
+    );
+    assert_eq!((lost, twice), (0, 0));
+    assert_eq!(report["status"], "successful", "{report:#}");
+    assert_eq!(report["type"], "pyats");
+    assert_eq!(report["redelivered"], true);
+    assert!(report["digest"].as_str().unwrap().starts_with("sha256:"));
+    let _ = std::process::Command::new("docker")
+        .args(["rmi", &format!("{OPEN_REGISTRY}/faults/{marker}:1.0")])
+        .output();
+    results.delete().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn broker_restart_while_jobs_run_and_wait() {
     let _one = serial();
     let image = unique_image(2 << 20);
