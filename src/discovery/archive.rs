@@ -103,7 +103,6 @@ async fn scan_container(
     let mut tree = RemoteTree {
         container,
         index: HashMap::new(),
-        walk_root: None,
     };
     let Some(walk_root) = tree.resolve_dir(&root).await? else {
         findings.warn(&root, "workspace root not found in the image");
@@ -131,7 +130,6 @@ async fn scan_container(
         ))));
     };
     tree.index = index;
-    tree.walk_root = Some(walk_root);
 
     for item in deferred {
         let resolved = match &item.kind {
@@ -181,7 +179,7 @@ enum Deferred {
 }
 
 /// Reads the archive of `walk_root`, judging regular files as they pass and keeping an index of
-/// every entry for symlink resolution.
+/// its entries (all but the regular files of skipped trees) for symlink resolution.
 fn stream_root(
     archive: &mut Archive<TarReader>,
     root: &str,
@@ -220,11 +218,14 @@ fn stream_root(
             },
             _ => Node::Other,
         };
-        index.insert(real.clone(), node.clone());
-        if node == Node::Dir
-            || findings.rules.in_skipped_dir(&reported)
-            || is_runtime_path(&reported)
-        {
+        let skipped = findings.rules.in_skipped_dir(&reported) || is_runtime_path(&reported);
+        // Regular files of skipped trees (a virtualenv: most of an image's entries) stay out
+        // of the index, so its size follows what is searched, not the image; a link that
+        // points at one is looked up with its own request (`RemoteTree::lookup`).
+        if !(skipped && matches!(node, Node::File { .. })) {
+            index.insert(real.clone(), node.clone());
+        }
+        if node == Node::Dir || skipped {
             continue;
         }
         findings.count_file(&reported);
@@ -262,19 +263,15 @@ fn stream_root(
 struct RemoteTree<'a> {
     container: &'a Container,
     index: HashMap<String, Node>,
-    walk_root: Option<String>,
 }
 
 impl RemoteTree<'_> {
     async fn lookup(&mut self, path: &str) -> Result<Node, DiscoveryError> {
-        if let Some(walk_root) = &self.walk_root
-            && strip_root(path, walk_root).is_some()
-        {
-            return Ok(self.index.get(path).cloned().unwrap_or(Node::Missing));
-        }
         if let Some(node) = self.index.get(path) {
             return Ok(node.clone());
         }
+        // Under the walked root the index lacks only regular files of skipped trees (and paths
+        // that do not exist): either way the engine answers for that one path.
         let node = archive(self.container, path, |archive: &mut Archive<TarReader>| {
             let mut entries = archive.entries()?;
             let Some(entry) = entries.next().transpose()? else {

@@ -129,6 +129,7 @@ pub const LAYERED_JOBS: &[&str] = &[
     "/pyats/link/loop_job.py",
     "/pyats/link/runtime_job.py",
     "/pyats/link/up_job.py",
+    "/pyats/link/vendored_job.py",
     "/pyats/olddir/new_job.py",
 ];
 
@@ -149,8 +150,9 @@ pub const LAYERED: Expected = Expected {
         "/pyats/a/deleted_job.py",
         "/pyats/olddir/old_job.py",
         "/pyats/keep/replaced_job.py",
+        "/pyats/lib/python3.11/site-packages/vendored/vendored_job.py",
     ],
-    files_scanned: 15,
+    files_scanned: 16,
 };
 
 /// `fixtures/large` (only with `scripts/fixtures.sh --large`): jobs under /pyats/dest.
