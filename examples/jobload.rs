@@ -1,9 +1,11 @@
 //! Load generator of the benchmarks (`bench/`): publishes `--count` jobs made from a JSON
 //! template (each with a fresh uuid) to `<prefix>.jobs`, collects their final reports from a
 //! private reply queue and prints one JSON line of figures:
-//! `{"count", "reports", "unique", "duplicates", "lost", "seconds", "per_s", "statuses"}`.
+//! `{"count", "reports", "unique", "duplicates", "lost", "seconds", "per_s", "statuses",
+//! "last_report_unix"}`.
 //!
-//! `seconds` runs from the first publish to the last report. With `--queue-only` it publishes,
+//! `seconds` runs from the first publish (or, with `--collect-only`, from the start) to the last
+//! report; `last_report_unix` is when that report came, for callers that time from elsewhere. With `--queue-only` it publishes,
 //! waits for the broker's confirms and exits (the reports then go to the queue named by
 //! `--reply-queue`, which `--collect-only` drains later): that is how the scale-out benchmark
 //! queues a backlog before any worker starts.
@@ -175,6 +177,7 @@ async fn main() -> anyhow::Result<()> {
     let mut reports = 0usize;
     let mut statuses: BTreeMap<String, usize> = BTreeMap::new();
     let mut last = started.elapsed();
+    let mut last_report_unix = 0.0;
     while reports < args.count {
         let delivery = match tokio::time::timeout_at(deadline, consumer.next()).await {
             Ok(Some(d)) => d?,
@@ -184,6 +187,9 @@ async fn main() -> anyhow::Result<()> {
         let report: Value = serde_json::from_slice(&delivery.data)?;
         reports += 1;
         last = started.elapsed();
+        last_report_unix = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
         let status = report["status"].as_str().unwrap_or("?").to_string();
         *statuses.entry(status).or_default() += 1;
         if let Some(uuid) = report["uuid"].as_str() {
@@ -223,6 +229,7 @@ async fn main() -> anyhow::Result<()> {
             "lost": lost,
             "seconds": seconds,
             "per_s": unique as f64 / seconds.max(1e-9),
+            "last_report_unix": last_report_unix,
             "statuses": statuses,
         })
     );

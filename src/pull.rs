@@ -77,15 +77,19 @@ pub async fn run_pull(
         ));
     }
 
-    let inspect = engine::inspect_image(&ctx.docker, &reference)
-        .await?
-        .ok_or_else(|| {
-            JobError::new(
-                "engine",
-                format!("the engine does not list {reference} after pulling it"),
-                true,
-            )
-        })?;
+    // A cache hit was inspected already; a pulled image is inspected now.
+    let inspect = match cached {
+        Some(inspect) => inspect,
+        None => engine::inspect_image(&ctx.docker, &reference)
+            .await?
+            .ok_or_else(|| {
+                JobError::new(
+                    "engine",
+                    format!("the engine does not list {reference} after pulling it"),
+                    true,
+                )
+            })?,
+    };
     // The engine pulls another platform's image with only a warning when the registry has none
     // for the one asked; a record of the wrong platform is not a success.
     if let Some(platform) = &job.platform {
