@@ -831,9 +831,13 @@ fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
         })
 }
 
-/// A message that is not a job, as kept in the dead-letter queue: byte for byte, except that a
-/// JSON body has its secret-looking fields masked (it may be a job gone wrong, password included).
-fn dead_letter_body(body: &[u8]) -> Vec<u8> {
+/// A message that is not a job, as kept in the dead-letter queue: byte for byte, except that
+/// secrets are masked (it may be a job gone wrong, password included). A JSON body has its
+/// secret-looking fields masked in the value tree; a body that does not parse (trailing garbage,
+/// invalid UTF-8) is masked textually; when text that looks secret is left that no rule can mask
+/// reliably (a secret field holding an object, YAML inside a string), the body is withheld and
+/// replaced by a description of it. The headers (`x-error`...) are kept either way.
+pub(crate) fn dead_letter_body(body: &[u8]) -> Vec<u8> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(mut value) => {
             let before = value.clone();
@@ -841,11 +845,27 @@ fn dead_letter_body(body: &[u8]) -> Vec<u8> {
             if value == before {
                 body.to_vec()
             } else {
-                serde_json::to_vec(&value).unwrap_or_else(|_| body.to_vec())
+                serde_json::to_vec(&value).unwrap_or_else(|_| withheld_body(body))
             }
         }
-        Err(_) => body.to_vec(),
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            match crate::secrets::mask_text_fields(&text) {
+                Some(masked) if masked == text => body.to_vec(),
+                Some(masked) => masked.into_bytes(),
+                None => withheld_body(body),
+            }
+        }
     }
+}
+
+/// What the dead-letter queue keeps of a message whose secrets cannot be masked reliably.
+fn withheld_body(body: &[u8]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "withheld": "the message is not valid JSON and holds text that looks secret but cannot be masked reliably; its body is not kept (see the x-error header for why it is not a job)",
+        "bytes": body.len(),
+    }))
+    .expect("a description serializes")
 }
 
 async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str, uuid: Option<&str>) {
@@ -865,5 +885,40 @@ async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str, uu
     };
     if let Err(e) = result {
         tracing::debug!(job, error = %e, "cannot settle the delivery (its channel is gone); the broker delivers it again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_copies_keep_no_secret() {
+        // Not a job but JSON: fields masked in the value tree.
+        let json_body = br#"{"uuid": 5, "password": "s3cr3t-pw"}"#;
+        let dead: serde_json::Value =
+            serde_json::from_slice(&dead_letter_body(json_body)).unwrap();
+        assert_eq!(dead, json!({"uuid": 5, "password": "********"}));
+        // Nothing to mask: byte for byte, JSON or not.
+        for body in [&b"not json"[..], b"{\"a\": 1} }{", b"{\"name\": \"x\xff\"}"] {
+            assert_eq!(dead_letter_body(body), body);
+        }
+        // A job followed by garbage: masked as text.
+        assert_eq!(
+            dead_letter_body(br#"{"uuid": "u", "password": "s3cr3t-pw"} }{"#),
+            br#"{"uuid": "u", "password": "********"} }{"#
+        );
+        // Invalid UTF-8 inside: masked as text (the invalid bytes become U+FFFD).
+        assert_eq!(
+            dead_letter_body(b"{\"name\": \"a\xffb\", \"password\": \"s3cr3t-pw\"}"),
+            "{\"name\": \"a\u{fffd}b\", \"password\": \"********\"}".as_bytes()
+        );
+        // Cannot be masked reliably: withheld, described.
+        let body = br#"{"yaml_content": "credentials: {password: s3cr3t-pw}"} x"#;
+        let dead = dead_letter_body(body);
+        assert!(!String::from_utf8_lossy(&dead).contains("s3cr3t-pw"));
+        let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
+        assert_eq!(dead["bytes"], body.len());
+        assert!(dead["withheld"].as_str().unwrap().contains("not kept"));
     }
 }
