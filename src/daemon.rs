@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{self, PublishError, Publisher, Topology};
 use crate::config::Config;
 use crate::inflight::{Admission, InFlight};
-use crate::job::parse_job;
+use crate::job::{InvalidJob, Job, parse_job};
 use crate::lease::Lease;
 use crate::pipeline::{DeliveryInfo, EventSender, Finished, JobContext, run_job};
 use crate::report::{Report, Status, WorkerInfo, insert_time};
@@ -344,9 +344,19 @@ async fn forward_events(
     }
 }
 
-/// The job consumers of one channel, and their tags.
+/// Where a delivery came from: the cap and the name of the job queue it was consumed from.
+#[derive(Debug, Clone)]
+struct Source {
+    cap: String,
+    queue: String,
+}
+
+/// The job consumers of one channel, and their tags. Each delivery comes with its [`Source`]:
+/// the queue tells which cap the sender routed the job with.
 struct Consumers {
-    deliveries: futures_util::stream::SelectAll<lapin::Consumer>,
+    deliveries: futures_util::stream::SelectAll<
+        futures_util::stream::BoxStream<'static, (Source, lapin::Result<Delivery>)>,
+    >,
     tags: Vec<String>,
 }
 
@@ -373,15 +383,24 @@ impl Daemon {
                 self.ctx.worker.worker_id,
                 uuid::Uuid::new_v4().simple()
             );
+            let queue = self.topology.job_queue(cap, pool);
             let consumer = channel
                 .basic_consume(
-                    self.topology.job_queue(cap, pool).into(),
+                    queue.clone().into(),
                     tag.clone().into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
                 .await?;
-            consumers.push(consumer);
+            let source = Source {
+                cap: cap.clone(),
+                queue,
+            };
+            consumers.push(
+                consumer
+                    .map(move |d| (source.clone(), d))
+                    .boxed(),
+            );
             tags.push(tag);
         }
         Ok(Consumers {
@@ -397,7 +416,7 @@ impl Daemon {
                 .basic_cancel(tag.clone().into(), BasicCancelOptions::default())
                 .await;
         }
-        while let Ok(Some(Ok(d))) =
+        while let Ok(Some((_, Ok(d)))) =
             tokio::time::timeout(Duration::from_millis(200), consumers.deliveries.next()).await
         {
             let _ = d
@@ -493,15 +512,15 @@ impl Daemon {
                     None => break Err(anyhow::anyhow!("the broker closed the control consumer")),
                 },
                 delivery = next_delivery => match delivery {
-                    Some(Ok(delivery)) => {
+                    Some((source, Ok(delivery))) => {
                         let permit = self.permits.clone().acquire_owned().await.expect("semaphore never closed");
                         let daemon = self.clone();
                         self.tracker.spawn(async move {
-                            daemon.handle_delivery(delivery).await;
+                            daemon.handle_delivery(delivery, source).await;
                             drop(permit);
                         });
                     }
-                    Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
+                    Some((_, Err(e))) => break Err(anyhow::Error::new(e).context("consumer failed")),
                     None => break Err(anyhow::anyhow!("the broker closed the consumer")),
                 },
             }
@@ -597,7 +616,7 @@ impl Daemon {
 
     /// One delivery: dead-letter it, or run the job (once, however often it is delivered) and
     /// publish its report; acknowledge last.
-    async fn handle_delivery(self: Arc<Self>, delivery: Delivery) {
+    async fn handle_delivery(self: Arc<Self>, delivery: Delivery, source: Source) {
         let stop = self.shutdown.immediate.clone();
         let routing_key = delivery.routing_key.as_str().to_string();
         let input = match parse_job(&delivery.data, self.ctx.config.jobs.max_message_bytes) {
@@ -629,6 +648,7 @@ impl Daemon {
                 return;
             }
         };
+        let input = check_cap(input, &source);
         let (uuid, job_type) = match &input {
             Ok(job) => (job.uuid.clone(), job.job_type),
             Err(invalid) => (invalid.uuid.clone(), invalid.job_type),
@@ -817,6 +837,34 @@ impl Daemon {
     }
 }
 
+/// A job runs only from a queue of the cap its type needs: a `pull` routed to
+/// `polaris_image.<pool>` (or a `polaris_build` to `image.<pool>`) reached a worker chosen for
+/// another capability, so it fails with `invalid_job` rather than run there.
+fn check_cap(input: Result<Job, InvalidJob>, source: &Source) -> Result<Job, InvalidJob> {
+    let (job_type, uuid, raw) = match &input {
+        Ok(job) => (job.job_type, &job.uuid, &job.raw),
+        Err(invalid) => (invalid.job_type, &invalid.uuid, &invalid.raw),
+    };
+    if job_type.cap() == source.cap {
+        return input;
+    }
+    Err(InvalidJob {
+        uuid: uuid.clone(),
+        job_type,
+        raw: raw.clone(),
+        message: format!(
+            "a {} job needs cap {} but came from queue {} (cap {}): publish it with routing key {}.<pool>",
+            job_type.as_str(),
+            job_type.cap(),
+            source.queue,
+            source.cap,
+            job_type.cap()
+        ),
+        kind: "invalid_job",
+        retryable: false,
+    })
+}
+
 /// The report of a job that was already reported (its `report.json` in this worker's logs
 /// root), for a redelivered message: sent again rather than run again.
 fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
@@ -920,5 +968,33 @@ mod tests {
         let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
         assert_eq!(dead["bytes"], body.len());
         assert!(dead["withheld"].as_str().unwrap().contains("not kept"));
+    }
+
+    #[test]
+    fn jobs_from_the_queue_of_another_cap_are_invalid() {
+        let body = json!({
+            "uuid": "1d252f72-181b-4af8-91d1-da34f248a004", "type": "pull", "group": "g",
+            "name": "fixtures/basic", "push_url": "127.0.0.1:5000"
+        })
+        .to_string();
+        let input = || parse_job(body.as_bytes(), 1 << 20).unwrap();
+        let image = Source {
+            cap: "image".into(),
+            queue: "xpresso.jobs.image.general".into(),
+        };
+        assert!(check_cap(input(), &image).is_ok());
+        let polaris = Source {
+            cap: "polaris_image".into(),
+            queue: "xpresso.jobs.polaris_image.general".into(),
+        };
+        let invalid = check_cap(input(), &polaris).unwrap_err();
+        assert_eq!(invalid.kind, "invalid_job");
+        assert!(!invalid.retryable);
+        assert_eq!(
+            invalid.message,
+            "a pull job needs cap image but came from queue xpresso.jobs.polaris_image.general \
+             (cap polaris_image): publish it with routing key image.<pool>"
+        );
+        assert_eq!(invalid.raw["name"], "fixtures/basic");
     }
 }

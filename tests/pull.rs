@@ -343,6 +343,55 @@ async fn bad_input_gets_a_clear_outcome_and_the_worker_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_routed_with_another_cap_fail_without_running() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let prefix = &worker.prefix;
+
+    // A pull on the polaris_image queue: named, not pulled.
+    let pull = pull_job("basic");
+    let uuid = pull["uuid"].as_str().unwrap();
+    broker.publish_job_to("polaris_image", &pull).await;
+    let r = broker.wait_reply(uuid, WAIT).await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["kind"], "invalid_job");
+    assert_eq!(r["error"]["retryable"], false);
+    assert_eq!(
+        r["error"]["message"],
+        format!(
+            "a pull job needs cap image but came from queue {prefix}.jobs.polaris_image.general \
+             (cap polaris_image): publish it with routing key image.<pool>"
+        )
+        .as_str()
+    );
+    assert_eq!(r["image_id"], Value::Null);
+    assert_eq!(r["jobs"], json!([]));
+    assert_seed_shape(&r);
+    assert!(!r["logs"].as_str().unwrap().contains("pulling"), "{r:#}");
+
+    // A polaris_build on the image queue never reaches the polaris code.
+    let polaris_uuid = new_uuid();
+    let polaris = json!({
+        "uuid": polaris_uuid, "type": "polaris_build", "group": "testers",
+        "name": "polaris", "tag": "pr-1", "git_ref": "main",
+    });
+    broker.publish_job(&polaris).await;
+    let r = broker.wait_reply(&polaris_uuid, WAIT).await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["type"], "polaris");
+    assert_eq!(r["error"]["kind"], "invalid_job");
+    assert_eq!(
+        r["error"]["message"],
+        format!(
+            "a polaris_build job needs cap polaris_image but came from queue \
+             {prefix}.jobs.image.general (cap image): publish it with routing key \
+             polaris_image.<pool>"
+        )
+        .as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pin_version_uses_the_cache_and_false_pulls_again() {
     let worker = Worker::start(WorkerOptions::default());
     let mut broker = Broker::connect(&worker.prefix).await;
