@@ -866,7 +866,7 @@ fn check_cap(input: Result<Job, InvalidJob>, source: &Source) -> Result<Job, Inv
 }
 
 /// The report of a job that was already reported (its `report.json` in this worker's logs
-/// root), for a redelivered message: sent again rather than run again.
+/// root), for a redelivered message: sent again rather than run again, marked `redelivered`.
 fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
     let now = chrono::Utc::now();
     [now, now - chrono::Duration::days(31)]
@@ -874,9 +874,24 @@ fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
         .find_map(|at| {
             let path = crate::joblog::logs_dir_for(root, uuid, *at).join("report.json");
             let json = std::fs::read(path).ok()?;
-            let report: Report = serde_json::from_slice(&json).ok()?;
-            (report.status != Status::Running).then_some(Finished { report, json })
+            let mut report: Report = serde_json::from_slice(&json).ok()?;
+            if report.status == Status::Running {
+                return None;
+            }
+            // This copy answers a redelivery, whatever the first delivery was.
+            report.redelivered = true;
+            let json = marked_redelivered(&json)?;
+            Some(Finished { report, json })
         })
+}
+
+/// A stored report's JSON with `redelivered: true`; the rest as stored (already masked).
+fn marked_redelivered(json: &[u8]) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    value
+        .as_object_mut()?
+        .insert("redelivered".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&value).ok()
 }
 
 /// A message that is not a job, as kept in the dead-letter queue: byte for byte, except that
@@ -996,5 +1011,17 @@ mod tests {
              (cap polaris_image): publish it with routing key image.<pool>"
         );
         assert_eq!(invalid.raw["name"], "fixtures/basic");
+    }
+
+    #[test]
+    fn a_stored_report_sent_again_says_redelivered() {
+        let stored = br#"{"uuid": "u", "redelivered": false, "data": {"password": "********"}}"#;
+        let again: serde_json::Value =
+            serde_json::from_slice(&marked_redelivered(stored).unwrap()).unwrap();
+        assert_eq!(
+            again,
+            json!({"uuid": "u", "redelivered": true, "data": {"password": "********"}})
+        );
+        assert_eq!(marked_redelivered(b"[1]"), None);
     }
 }

@@ -392,6 +392,36 @@ async fn jobs_routed_with_another_cap_fail_without_running() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_job_delivered_again_is_answered_from_its_report() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let job = pull_job("basic");
+    let uuid = job["uuid"].as_str().unwrap().to_string();
+    broker.publish_job(&job).await;
+    let first = broker.wait_reply(&uuid, WAIT).await;
+    assert_eq!(first["status"], "successful", "{first:#}");
+    assert_eq!(first["redelivered"], false);
+
+    // Back as an expired lease comes back (x-death): answered, not run again.
+    broker.publish_dead_lettered_copy(&job).await;
+    let again = broker.wait_reply(&uuid, WAIT).await;
+    assert_eq!(again["redelivered"], true, "{again:#}");
+    assert_eq!(again["status"], "successful");
+    assert_eq!(again["started_at"], first["started_at"]);
+    assert_eq!(again["finished_at"], first["finished_at"]);
+    assert_eq!(again["image_id"], first["image_id"]);
+    assert_eq!(again["data"]["automation_token"], "********");
+    let logs_dir = std::path::PathBuf::from(first["logs_dir"].as_str().unwrap());
+    let job_log = std::fs::read_to_string(logs_dir.join("job.log")).unwrap();
+    assert_eq!(job_log.matches("job successful").count(), 1, "{job_log}");
+    assert!(
+        worker.log_text().contains("redelivered job was already reported"),
+        "{}",
+        worker.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pin_version_uses_the_cache_and_false_pulls_again() {
     let worker = Worker::start(WorkerOptions::default());
     let mut broker = Broker::connect(&worker.prefix).await;
