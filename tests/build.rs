@@ -63,6 +63,9 @@ fn jobs_repository(allowed: &Path) -> (std::path::PathBuf, String) {
     (bare, commit)
 }
 
+/// An `env` value full of what a Dockerfile would expand or unescape (YAML single-quoted).
+const RAW_ENV: &str = r#"$(id) ${PATH} $HOME "q" \ \$x \\ end\"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_job_over_amqp_installs_a_wheel_pushes_and_discovers() {
     let dir = temp_dir("iw-build");
@@ -91,6 +94,7 @@ async fn build_job_over_amqp_installs_a_wheel_pushes_and_discovers() {
 env:
   IW_GREETING: 'hello "builder"'
   IW_LIB: ${{WORKSPACE}}/lib
+  IW_RAW: '{raw_env}'
 files:
   - wheels/iwdemo-1.0-py3-none-any.whl: {wheel_url}
 packages:
@@ -104,6 +108,7 @@ jobfiles:
   glob: ['/pyats/tests/extra/run*.py']
 tag: ignored:latest
 "#,
+        raw_env = RAW_ENV,
         wheel_url = server.url("iwdemo-1.0-py3-none-any.whl"),
         bare = bare.display(),
     );
@@ -175,6 +180,16 @@ tag: ignored:latest
         ),
         "hello \"builder\"|/pyats/lib|/pyats"
     );
+    // Dockerfile syntax in a value is not expanded: the image holds it byte for byte.
+    let env: Vec<String> = serde_json::from_str(&docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Env}}",
+        &by_digest,
+    ]))
+    .unwrap();
+    assert!(env.contains(&format!("IW_RAW={RAW_ENV}")), "{env:?}");
     // The repository at the pinned commit, without its .git.
     let listing = docker_run(
         &by_digest,
