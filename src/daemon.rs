@@ -396,11 +396,7 @@ impl Daemon {
                 cap: cap.clone(),
                 queue,
             };
-            consumers.push(
-                consumer
-                    .map(move |d| (source.clone(), d))
-                    .boxed(),
-            );
+            consumers.push(consumer.map(move |d| (source.clone(), d)).boxed());
             tags.push(tag);
         }
         Ok(Consumers {
@@ -959,8 +955,7 @@ mod tests {
     fn dead_letter_copies_keep_no_secret() {
         // Not a job but JSON: fields masked in the value tree.
         let json_body = br#"{"uuid": 5, "password": "s3cr3t-pw"}"#;
-        let dead: serde_json::Value =
-            serde_json::from_slice(&dead_letter_body(json_body)).unwrap();
+        let dead: serde_json::Value = serde_json::from_slice(&dead_letter_body(json_body)).unwrap();
         assert_eq!(dead, json!({"uuid": 5, "password": "********"}));
         // Nothing to mask: byte for byte, JSON or not.
         for body in [&b"not json"[..], b"{\"a\": 1} }{", b"{\"name\": \"x\xff\"}"] {

@@ -169,8 +169,7 @@ async fn bad_message_corpus_gives_exact_outcomes_and_the_worker_survives() {
                 assert_eq!(report["uuid"], uuid.as_str(), "{}", case.file);
                 assert_seed_shape(&report);
                 let text = report.to_string();
-                if contains(&case.body, CORPUS_SECRET) && sent.get("password").is_some()
-                {
+                if contains(&case.body, CORPUS_SECRET) && sent.get("password").is_some() {
                     assert!(
                         !text.contains(CORPUS_SECRET),
                         "{}: password in the report",
