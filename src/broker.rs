@@ -127,10 +127,39 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
     #[error("the broker refused the message (nack)")]
     Nacked,
+    /// The broker closed the channel over this message (406 PRECONDITION_FAILED: larger than
+    /// its `max_message_size`, a `user_id` that is not the connection's...): sending the same
+    /// bytes again can only fail again.
+    #[error("the broker refused the message: {0}")]
+    Refused(String),
     #[error("the broker returned the message: no queue for {0}")]
     Unroutable(String),
     #[error("stopped before the broker confirmed")]
     Stopped,
+}
+
+impl PublishError {
+    /// Whether the broker refused this very message, as opposed to being away: trying the same
+    /// message again cannot help, so the caller must send something else or give up on it.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Nacked | Self::Refused(_))
+    }
+}
+
+/// A broker error on publish: a refusal of the message, or the broker being unavailable.
+fn publish_error(e: lapin::Error) -> PublishError {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) =>
+        {
+            PublishError::Refused(e.to_string())
+        }
+        _ => PublishError::Broker(e),
+    }
 }
 
 /// Opens a connection; the URL's password never reaches a log.
@@ -241,8 +270,10 @@ impl Publisher {
                 body,
                 properties,
             )
-            .await?
-            .await?;
+            .await
+            .map_err(publish_error)?
+            .await
+            .map_err(publish_error)?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(format!(

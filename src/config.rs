@@ -287,7 +287,8 @@ impl DiscoveryConfig {
 pub struct LogsConfig {
     /// Root of the job logs: each job writes `<root>/<YYYY>/<MM>/images/<uuid>/`.
     pub root: PathBuf,
-    /// Lines of the job log carried in the report's `logs`.
+    /// Lines of the job log carried in the report's `logs` (at most 64 KiB of them, each line
+    /// cut at 8 KiB: the report is one AMQP message).
     pub tail_lines: usize,
 }
 
@@ -353,7 +354,8 @@ pub struct BuildConfig {
     pub max_context_bytes: u64,
     /// Seconds a `files` download may take.
     pub fetch_timeout_s: u64,
-    /// Lines of build output quoted in the report's `error.message` when a build fails.
+    /// Lines of build output quoted in the report's `error.message` when a build fails (the
+    /// message is cut at 16 KiB, keeping its head and its end).
     pub error_tail_lines: usize,
 }
 

@@ -671,7 +671,8 @@ impl Daemon {
                 let outcome = self
                     .publish_report(&finished, reply_to.iter().cloned().collect(), &stop)
                     .await;
-                settle(&delivery, outcome, "report", Some(&uuid)).await;
+                self.settle_reported(vec![*delivery], &outcome, &uuid, &stop)
+                    .await;
                 return;
             }
         };
@@ -682,9 +683,8 @@ impl Daemon {
             let outcome = self
                 .publish_report(&stored, self.jobs.reply_to(&uuid), &stop)
                 .await;
-            for d in self.jobs.finish(&uuid) {
-                settle(&d, outcome.clone(), "report", Some(&uuid)).await;
-            }
+            self.settle_reported(self.jobs.finish(&uuid), &outcome, &uuid, &stop)
+                .await;
             return;
         }
 
@@ -724,10 +724,15 @@ impl Daemon {
         let outcome = self
             .publish_report(&finished, self.jobs.reply_to(&uuid), &stop)
             .await;
-        for d in self.jobs.finish(&uuid) {
-            settle(&d, outcome.clone(), "report", Some(&uuid)).await;
-        }
-        if let (Ok(()), Some(lease)) = (&outcome, lease)
+        self.settle_reported(self.jobs.finish(&uuid), &outcome, &uuid, &stop)
+            .await;
+        // A refused report ends the job too (its message went to the dead-letter queue): a
+        // lease left to expire would only bring it back.
+        let settled = match &outcome {
+            Ok(()) => true,
+            Err(e) => e.is_refusal(),
+        };
+        if let (true, Some(lease)) = (settled, lease)
             && let Some(p) = self.publisher.current()
             && let Err(e) = lease.release(&p).await
         {
@@ -740,13 +745,44 @@ impl Daemon {
             .await;
     }
 
-    /// The final report: to the events exchange, then to each reply queue; confirmed.
+    /// The final report: to the events exchange, then to each reply queue; confirmed. A report
+    /// over [`MAX_REPORT_BYTES`], or one the broker refuses, goes out compacted (report.json
+    /// keeps it whole); an error that is still a refusal means the broker will never take it.
     async fn publish_report(
         &self,
         finished: &Finished,
         reply_to: Vec<String>,
         stop: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), PublishError> {
+        let uuid = &finished.report.uuid;
+        if finished.json.len() > MAX_REPORT_BYTES {
+            tracing::warn!(job = %uuid, bytes = finished.json.len(), limit = MAX_REPORT_BYTES, "report too large: publishing it compacted (report.json keeps it whole)");
+            let compact = compact_report_json(&finished.json);
+            return self
+                .publish_report_json(finished, &compact, &reply_to, stop)
+                .await;
+        }
+        match self
+            .publish_report_json(finished, &finished.json, &reply_to, stop)
+            .await
+        {
+            Err(e) if e.is_refusal() => {
+                tracing::error!(job = %uuid, error = %e, bytes = finished.json.len(), "the broker refused the report: publishing it compacted");
+                let compact = compact_report_json(&finished.json);
+                self.publish_report_json(finished, &compact, &reply_to, stop)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_report_json(
+        &self,
+        finished: &Finished,
+        json: &[u8],
+        reply_to: &[String],
+        stop: &CancellationToken,
+    ) -> Result<(), PublishError> {
         let report = &finished.report;
         let key = format!("job.{}.{}", report.job_type, report.status.as_str());
         let props =
@@ -755,23 +791,77 @@ impl Daemon {
             .publish_reliably(
                 &self.topology.events_exchange(),
                 &key,
-                &finished.json,
+                json,
                 props.clone(),
                 false,
                 stop,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         for queue in reply_to {
-            // A reply queue that is gone (its submitter left) is not an error: the event holds
-            // the report.
-            self.publisher
-                .publish_reliably("", &queue, &finished.json, props.clone(), false, stop)
+            // Mandatory, so that a reply queue that does not exist (its submitter left, or a
+            // typo) is said in the log; it is not an error: the event holds the report.
+            match self
+                .publisher
+                .publish_reliably("", queue, json, props.clone(), true, stop)
                 .await
-                .map_err(|e| e.to_string())?;
+            {
+                Err(PublishError::Unroutable(_)) => {
+                    tracing::warn!(job = %report.uuid, reply_to = %queue, "reply_to names no queue: the report went to the events exchange only");
+                }
+                other => other?,
+            }
         }
         tracing::info!(job = %report.uuid, status = report.status.as_str(), "report published");
         Ok(())
+    }
+
+    /// Acknowledges a job's deliveries once its report is out. A report the broker refused even
+    /// compacted would be refused on every redelivery: the message goes to the dead-letter queue
+    /// with the reason instead of back to its queue, so it cannot loop.
+    async fn settle_reported(
+        &self,
+        deliveries: Vec<Delivery>,
+        outcome: &Result<(), PublishError>,
+        uuid: &str,
+        stop: &CancellationToken,
+    ) {
+        let refusal = match outcome {
+            Err(e) if e.is_refusal() => e.to_string(),
+            other => {
+                let outcome = other.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                for d in &deliveries {
+                    settle(d, outcome.clone(), "report", Some(uuid)).await;
+                }
+                return;
+            }
+        };
+        let reason = format!(
+            "the job ran but the broker refused its report, compacted too ({refusal}); report.json in its logs_dir holds it"
+        );
+        tracing::error!(job = %uuid, reason = %reason, "job message dead-lettered");
+        for d in &deliveries {
+            let props =
+                broker::dead_letter_properties(&d.properties, &reason, d.routing_key.as_str());
+            let copied = self
+                .publisher
+                .publish_reliably(
+                    "",
+                    &self.topology.dead_queue(),
+                    &dead_letter_body(&d.data),
+                    props,
+                    true,
+                    stop,
+                )
+                .await;
+            self.ctx.metrics.dead_lettered();
+            settle(
+                d,
+                copied.map_err(|e| e.to_string()),
+                "dead-letter",
+                Some(uuid),
+            )
+            .await;
+        }
     }
 
     /// Hands a long job's message to a lease before the broker's consumer_timeout, and renews
@@ -831,6 +921,62 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Largest report published as it is. RabbitMQ refuses messages over its `max_message_size`
+/// (128 MiB in 3.x, 16 MiB from 4.0) and consumers of the API store each report as a record;
+/// with the logs tail and `error.message` capped a report stays far below this, so only an
+/// exceptional one (a huge echoed `data`) is compacted.
+const MAX_REPORT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Fields of a compacted report kept only when their JSON is at most this long.
+const COMPACT_FIELD_BYTES: usize = 4 * 1024;
+
+/// A report small enough for any broker: every top-level field whose JSON is over
+/// [`COMPACT_FIELD_BYTES`] is emptied (same type), `error.message` is cut to that size, and a
+/// warning names what was left out. The input is the already masked report JSON.
+fn compact_report_json(json: &[u8]) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut report)) = serde_json::from_slice(json) else {
+        return serde_json::to_vec(
+            &json!({"warnings": ["the report could not be read back to compact it"]}),
+        )
+        .expect("a value serializes");
+    };
+    let mut left_out = Vec::new();
+    for (key, value) in report.iter_mut() {
+        if key == "error" {
+            if let Some(serde_json::Value::String(m)) = value.get_mut("message") {
+                *m = crate::pipeline::cap_error_message(m, COMPACT_FIELD_BYTES);
+            }
+            continue;
+        }
+        let size = serde_json::to_vec(value).map_or(0, |v| v.len());
+        if size > COMPACT_FIELD_BYTES {
+            *value = match value {
+                serde_json::Value::String(_) => serde_json::Value::String(String::new()),
+                serde_json::Value::Array(_) => json!([]),
+                serde_json::Value::Object(_) => json!({}),
+                _ => serde_json::Value::Null,
+            };
+            left_out.push(format!("{key} ({size} bytes)"));
+        }
+    }
+    let logs_dir = report
+        .get("logs_dir")
+        .and_then(|d| d.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let note = format!(
+        "report compacted to fit the broker: left out {}; {logs_dir}/report.json holds it whole",
+        left_out.join(", ")
+    );
+    match report.get_mut("warnings") {
+        Some(serde_json::Value::Array(w)) => w.push(note.into()),
+        _ => {
+            report.insert("warnings".into(), json!([note]));
+        }
+    }
+    serde_json::to_vec(&report).expect("a value serializes")
 }
 
 /// A job runs only from a queue of the cap its type needs: a `pull` routed to
@@ -1018,5 +1164,43 @@ mod tests {
             json!({"uuid": "u", "redelivered": true, "data": {"password": "********"}})
         );
         assert_eq!(marked_redelivered(b"[1]"), None);
+    }
+
+    #[test]
+    fn compacted_reports_are_small_and_say_what_they_left_out() {
+        let report = json!({
+            "uuid": "u", "status": "failed", "logs_dir": "/logs/2026/03/images/u",
+            "logs": "l".repeat(70_000),
+            "data": {"padding": "p".repeat(5_000), "password": "********"},
+            "jobs": ["/pyats/a_job.py"],
+            "warnings": ["a broken manifest"],
+            "error": {"kind": "build", "message": "m".repeat(16_000), "retryable": false},
+            "size": 12,
+        });
+        let compact: serde_json::Value =
+            serde_json::from_slice(&compact_report_json(&serde_json::to_vec(&report).unwrap()))
+                .unwrap();
+        assert_eq!(compact["logs"], "");
+        assert_eq!(compact["data"], json!({}));
+        assert_eq!(compact["jobs"], json!(["/pyats/a_job.py"]));
+        assert_eq!(compact["size"], 12);
+        assert_eq!(compact["error"]["kind"], "build");
+        assert!(compact["error"]["message"].as_str().unwrap().len() <= COMPACT_FIELD_BYTES);
+        assert_eq!(
+            compact["warnings"],
+            json!([
+                "a broken manifest",
+                "report compacted to fit the broker: left out data (5036 bytes), logs (70002 bytes); /logs/2026/03/images/u/report.json holds it whole"
+            ])
+        );
+        assert!(serde_json::to_vec(&compact).unwrap().len() < 3 * COMPACT_FIELD_BYTES);
+    }
+
+    #[test]
+    fn refusals_are_told_from_outages() {
+        assert!(PublishError::Nacked.is_refusal());
+        assert!(PublishError::Refused("406".into()).is_refusal());
+        assert!(!PublishError::Stopped.is_refusal());
+        assert!(!PublishError::Unroutable("x".into()).is_refusal());
     }
 }

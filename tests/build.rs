@@ -317,6 +317,37 @@ async fn broken_builds_fail_with_the_last_output_lines() {
         log.contains("Step 1/") && log.contains("iw-post-marker-line"),
         "{log}"
     );
+
+    // 6 MB of output on one line: the report stays small, the lines say they were cut.
+    let flood = build_job(
+        &unique("builds/broken"),
+        OPEN_REGISTRY,
+        "cmds:\n  post: 'head -c 6000000 /dev/zero | tr \"\\0\" x; echo; echo iw-after-flood; exit 4'\n",
+    );
+    let report = run_build(&mut broker, &flood).await;
+    assert_eq!(report["status"], "failed", "{}", report["error"]);
+    assert_eq!(report["error"]["kind"], "build");
+    let size = report.to_string().len();
+    assert!(size < 200 * 1024, "the report is {size} bytes");
+    let message = report["error"]["message"].as_str().unwrap();
+    assert!(message.len() <= 16 * 1024, "{}", message.len());
+    assert!(message.contains("returned a non-zero code: 4"), "{message}");
+    assert!(message.contains("iw-after-flood"), "{message}");
+    assert!(
+        message.contains("[line truncated: 5991808 of 6000000 bytes left out]"),
+        "{message}"
+    );
+    let logs = report["logs"].as_str().unwrap();
+    assert!(logs.len() <= 65 * 1024, "{}", logs.len());
+    let log = job_log(&report);
+    assert!(log.len() < 1024 * 1024, "job.log is {} bytes", log.len());
+    assert!(
+        // The logged line is "build: " and the output line.
+        log.contains("INFO build: xxx")
+            && log.contains("xxx [line truncated: 5991815 of 6000007 bytes left out]"),
+        "{}",
+        &log[..log.len().min(2000)]
+    );
 }
 
 /// Security: no value of a build file adds a Dockerfile instruction. Line breaks are refused;

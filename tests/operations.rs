@@ -180,3 +180,34 @@ async fn image_cache_budget_removes_least_recently_used() {
             .output();
     }
 }
+
+/// A message the broker refuses (406, here a `user_id` that is not the connection's; the same
+/// as a report over `max_message_size`) is a final refusal, not a broker to wait for: the
+/// daemon then sends a compact report or gives the job up, never the same bytes in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_is_a_refusal_not_an_outage() {
+    setup();
+    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let publisher = image_worker::broker::Publisher::open(&connection)
+        .await
+        .unwrap();
+    let refused = publisher
+        .publish(
+            "",
+            "no-such-queue",
+            b"{}",
+            lapin::BasicProperties::default()
+                .with_user_id(lapin::types::ShortString::from("not-guest")),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, image_worker::broker::PublishError::Refused(m) if m.contains("PRECONDITION_FAILED")),
+        "{refused:?}"
+    );
+    assert!(refused.is_refusal());
+    let _ = connection.close(200, "done".into()).await;
+}
