@@ -200,6 +200,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         ));
     }
     let _stop_http = http_stop.drop_guard();
+    {
+        let (metrics, graceful) = (metrics.clone(), shutdown.graceful.clone());
+        tokio::spawn(async move {
+            graceful.cancelled().await;
+            metrics.set_draining();
+        });
+    }
     let Some(docker) = connect_engine(&config, &shutdown).await else {
         return Ok(());
     };
