@@ -227,22 +227,47 @@ pub async fn private_consumer(
 }
 
 /// A channel in confirm mode: every publish waits for the broker's ack.
+///
+/// A message the broker refuses (406) closes the channel it came on, not the connection: the
+/// publisher then opens a new channel on the same connection, so a refused report does not cut
+/// every later publish off until a reconnect (which would requeue the job it failed for and
+/// start over). It holds the connection weakly: the session's drop still closes it.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    connection: std::sync::Weak<Connection>,
+    channel: std::sync::Arc<std::sync::Mutex<Channel>>,
 }
 
 impl Publisher {
-    pub async fn open(connection: &Connection) -> lapin::Result<Self> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+    pub async fn open(connection: &std::sync::Arc<Connection>) -> lapin::Result<Self> {
+        Ok(Self {
+            connection: std::sync::Arc::downgrade(connection),
+            channel: std::sync::Arc::new(std::sync::Mutex::new(confirm_channel(connection).await?)),
+        })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// The current channel (a new one after a refusal).
+    pub fn channel(&self) -> Channel {
+        self.channel.lock().unwrap().clone()
+    }
+
+    /// Replaces `failed` with a new confirm channel, unless another publish already did.
+    async fn reopen(&self, failed: &Channel) {
+        let Some(connection) = self.connection.upgrade() else {
+            return;
+        };
+        if self.channel().id() != failed.id() {
+            return;
+        }
+        match confirm_channel(&connection).await {
+            Ok(fresh) => {
+                let mut current = self.channel.lock().unwrap();
+                if current.id() == failed.id() {
+                    *current = fresh;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reopen the publishing channel"),
+        }
     }
 
     /// Publishes a persistent JSON message and waits for the broker to confirm it. With
@@ -255,11 +280,29 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
+        let channel = self.channel();
+        let result = self
+            .publish_on(&channel, exchange, routing_key, body, properties, mandatory)
+            .await;
+        if let Err(PublishError::Refused(_)) = &result {
+            self.reopen(&channel).await;
+        }
+        result
+    }
+
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
         let properties = properties
             .with_content_type(ShortString::from("application/json"))
             .with_delivery_mode(2);
-        let confirm = self
-            .channel
+        let confirm = channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -282,6 +325,14 @@ impl Publisher {
             Confirmation::Nack(_) => Err(PublishError::Nacked),
         }
     }
+}
+
+async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 /// The properties of a dead-lettered copy: the original's (message id, reply_to,

@@ -435,14 +435,16 @@ impl Daemon {
     /// One broker connection's life. `Ok` means a graceful shutdown was asked for.
     async fn session(self: Arc<Self>) -> anyhow::Result<()> {
         let config = &self.ctx.config;
-        let connection = broker::connect_configured(
-            config,
-            &format!("image-worker {}", self.ctx.worker.app_label),
-        )
-        .await?;
+        let connection = Arc::new(
+            broker::connect_configured(
+                config,
+                &format!("image-worker {}", self.ctx.worker.app_label),
+            )
+            .await?,
+        );
         let publisher = Publisher::open(&connection).await?;
         self.topology
-            .declare(publisher.channel(), &self.queues)
+            .declare(&publisher.channel(), &self.queues)
             .await?;
         let channel = connection.create_channel().await?;
         channel

@@ -187,9 +187,11 @@ async fn image_cache_budget_removes_least_recently_used() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_the_broker_refuses_is_a_refusal_not_an_outage() {
     setup();
-    let connection = lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
-        .await
-        .unwrap();
+    let connection = std::sync::Arc::new(
+        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+            .await
+            .unwrap(),
+    );
     let publisher = image_worker::broker::Publisher::open(&connection)
         .await
         .unwrap();
@@ -209,6 +211,28 @@ async fn a_message_the_broker_refuses_is_a_refusal_not_an_outage() {
         "{refused:?}"
     );
     assert!(refused.is_refusal());
+    // The refusal closed that channel only: the same publisher goes on, on a new one.
+    let queue = unique("iw-after-refusal");
+    let declared = publisher
+        .channel()
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(declared.name().as_str(), queue);
+    publisher
+        .publish("", &queue, b"{}", lapin::BasicProperties::default(), true)
+        .await
+        .unwrap();
+    assert_eq!(queue_depth(&queue).await, 1);
+    publisher
+        .channel()
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
     let _ = connection.close(200, "done".into()).await;
 }
 
