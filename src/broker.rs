@@ -127,6 +127,11 @@ pub enum PublishError {
     Broker(#[from] lapin::Error),
     #[error("the broker refused the message (nack)")]
     Nacked,
+    /// The broker closed the channel over this message (406 PRECONDITION_FAILED: larger than
+    /// its `max_message_size`, a `user_id` that is not the connection's...): sending the same
+    /// bytes again can only fail again.
+    #[error("the broker refused the message: {0}")]
+    Refused(String),
     #[error("the broker returned the message: no queue for {0}")]
     Unroutable(String),
     #[error("stopped before the broker confirmed")]
@@ -138,6 +143,30 @@ pub enum PublishError {
 /// most of an idle worker's memory, while job messages and reports travel as well in 32 KiB
 /// frames.
 pub const DEFAULT_FRAME_MAX: u32 = 32 * 1024;
+
+impl PublishError {
+    /// Whether the broker refused this very message, as opposed to being away: trying the same
+    /// message again cannot help, so the caller must send something else or give up on it.
+    pub fn is_refusal(&self) -> bool {
+        matches!(self, Self::Nacked | Self::Refused(_))
+    }
+}
+
+/// A broker error on publish: a refusal of the message, or the broker being unavailable.
+fn publish_error(e: lapin::Error) -> PublishError {
+    use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+    match e.kind() {
+        lapin::ErrorKind::ProtocolError(amqp)
+            if matches!(
+                amqp.kind(),
+                AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED)
+            ) =>
+        {
+            PublishError::Refused(e.to_string())
+        }
+        _ => PublishError::Broker(e),
+    }
+}
 
 /// Opens a connection; the URL's password never reaches a log.
 pub async fn connect(url: &str, name: &str) -> lapin::Result<Connection> {
@@ -214,22 +243,47 @@ pub async fn private_consumer(
 }
 
 /// A channel in confirm mode: every publish waits for the broker's ack.
+///
+/// A message the broker refuses (406) closes the channel it came on, not the connection: the
+/// publisher then opens a new channel on the same connection, so a refused report does not cut
+/// every later publish off until a reconnect (which would requeue the job it failed for and
+/// start over). It holds the connection weakly: the session's drop still closes it.
 #[derive(Clone)]
 pub struct Publisher {
-    channel: Channel,
+    connection: std::sync::Weak<Connection>,
+    channel: std::sync::Arc<std::sync::Mutex<Channel>>,
 }
 
 impl Publisher {
-    pub async fn open(connection: &Connection) -> lapin::Result<Self> {
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        Ok(Self { channel })
+    pub async fn open(connection: &std::sync::Arc<Connection>) -> lapin::Result<Self> {
+        Ok(Self {
+            connection: std::sync::Arc::downgrade(connection),
+            channel: std::sync::Arc::new(std::sync::Mutex::new(confirm_channel(connection).await?)),
+        })
     }
 
-    pub fn channel(&self) -> &Channel {
-        &self.channel
+    /// The current channel (a new one after a refusal).
+    pub fn channel(&self) -> Channel {
+        self.channel.lock().unwrap().clone()
+    }
+
+    /// Replaces `failed` with a new confirm channel, unless another publish already did.
+    async fn reopen(&self, failed: &Channel) {
+        let Some(connection) = self.connection.upgrade() else {
+            return;
+        };
+        if self.channel().id() != failed.id() {
+            return;
+        }
+        match confirm_channel(&connection).await {
+            Ok(fresh) => {
+                let mut current = self.channel.lock().unwrap();
+                if current.id() == failed.id() {
+                    *current = fresh;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot reopen the publishing channel"),
+        }
     }
 
     /// Publishes a persistent JSON message and waits for the broker to confirm it. With
@@ -242,11 +296,29 @@ impl Publisher {
         properties: BasicProperties,
         mandatory: bool,
     ) -> Result<(), PublishError> {
+        let channel = self.channel();
+        let result = self
+            .publish_on(&channel, exchange, routing_key, body, properties, mandatory)
+            .await;
+        if let Err(PublishError::Refused(_)) = &result {
+            self.reopen(&channel).await;
+        }
+        result
+    }
+
+    async fn publish_on(
+        &self,
+        channel: &Channel,
+        exchange: &str,
+        routing_key: &str,
+        body: &[u8],
+        properties: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
         let properties = properties
             .with_content_type(ShortString::from("application/json"))
             .with_delivery_mode(2);
-        let confirm = self
-            .channel
+        let confirm = channel
             .basic_publish(
                 exchange.into(),
                 routing_key.into(),
@@ -257,8 +329,10 @@ impl Publisher {
                 body,
                 properties,
             )
-            .await?
-            .await?;
+            .await
+            .map_err(publish_error)?
+            .await
+            .map_err(publish_error)?;
         match confirm {
             Confirmation::Ack(None) | Confirmation::NotRequested => Ok(()),
             Confirmation::Ack(Some(_)) => Err(PublishError::Unroutable(format!(
@@ -267,6 +341,14 @@ impl Publisher {
             Confirmation::Nack(_) => Err(PublishError::Nacked),
         }
     }
+}
+
+async fn confirm_channel(connection: &Connection) -> lapin::Result<Channel> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await?;
+    Ok(channel)
 }
 
 /// The properties of a dead-lettered copy: the original's (message id, reply_to,

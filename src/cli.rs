@@ -24,6 +24,12 @@ pub const EXIT_DATAERR: u8 = 65;
 /// Exit code for a job file that cannot be read (EX_NOINPUT).
 pub const EXIT_NOINPUT: u8 = 66;
 
+/// A command line that cannot be acted on (an unset `--password-env` variable, a missing
+/// `--yaml-file`, a build file or pool the worker would refuse): exit 64, EX_USAGE.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 #[derive(Parser, Debug)]
 #[command(
     name = "image-worker",
@@ -63,20 +69,25 @@ pub struct ConfigArg {
 #[derive(Subcommand, Debug)]
 #[allow(clippy::large_enum_variant)] // parsed once per process
 pub enum Command {
-    /// Run the daemon: consume jobs from RabbitMQ until SIGTERM.
+    /// Run the daemon: consume jobs from RabbitMQ until SIGTERM (exit 64 when the configuration
+    /// is invalid, an unwritable logs.root included).
     Run {
         #[command(flatten)]
         config: ConfigArg,
     },
     /// Run one job here, without a broker, and print its report (exit 0 when successful, 1
-    /// when the job failed, 65 when the input is not a job, 66 when the file cannot be read).
+    /// when the job failed, 64 when the configuration is invalid or logs.root cannot be
+    /// written, 65 when the input is not a job, 66 when the file cannot be read).
     Job {
         /// Job file (JSON, as published to the broker), or `-` for standard input.
         file: String,
         #[command(flatten)]
         config: ConfigArg,
     },
-    /// Publish a job to the broker; with --wait, print its report when it comes.
+    /// Publish a job to the broker; with --wait, print its report when it comes (exit 0 when
+    /// successful, 1 when the job failed or the broker cannot be reached, 2 when --wait timed
+    /// out, 64 for a job the worker would refuse, a bad --pool, an unset --password-env variable
+    /// or an unreadable --password-file / --yaml-file).
     Submit {
         #[command(subcommand)]
         job: SubmitJob,
@@ -109,7 +120,8 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum ConfigAction {
-    /// Load, validate and print the effective configuration; exit 64 when it is invalid.
+    /// Load, validate and print the effective configuration; exit 64 when it is invalid (a
+    /// secret file that cannot be read or a logs.root that cannot be written included).
     Check {
         #[command(flatten)]
         config: ConfigArg,
@@ -245,7 +257,8 @@ pub struct PullArgs {
 
 #[derive(Args, Debug)]
 pub struct SubmitCommon {
-    /// Worker pool to send the job to (default: the configured worker.group).
+    /// Worker pool to send the job to (default: the configured worker.group); letters,
+    /// digits, '-', '_' and '.'.
     #[arg(long)]
     pub pool: Option<String>,
     /// Wait for the final report and print it (exit 0 when successful, 1 when not, 2 on timeout).
@@ -291,6 +304,10 @@ pub async fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if let Err(e) = config.check_logs_root() {
+                eprintln!("image-worker: {e}");
+                return ExitCode::from(EXIT_USAGE);
+            }
             daemon::run(config, Shutdown::from_signals())
                 .await
                 .map(|()| ExitCode::SUCCESS)
@@ -333,6 +350,10 @@ pub async fn run(cli: Cli) -> ExitCode {
             action: ConfigAction::Check { config },
         } => match load_config(&config) {
             Ok(c) => {
+                if let Err(e) = c.check_logs_root() {
+                    eprintln!("image-worker: {e}");
+                    return ExitCode::from(EXIT_USAGE);
+                }
                 println!(
                     "{}",
                     serde_yaml::to_string(&shown_config(&c)).unwrap_or_default()
@@ -345,6 +366,10 @@ pub async fn run(cli: Cli) -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("image-worker: {e}");
+            ExitCode::from(EXIT_USAGE)
+        }
         Err(e) => {
             eprintln!(
                 "image-worker: {}",
@@ -389,6 +414,12 @@ async fn run_local_job(config: Config, file: &str) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(EXIT_DATAERR));
         }
     };
+    // After the input's own checks (65, 66): a report whose logs_dir holds nothing is worse
+    // than none.
+    if let Err(e) = config.check_logs_root() {
+        eprintln!("image-worker: {e}");
+        return Ok(ExitCode::from(EXIT_USAGE));
+    }
     // An engine that does not answer still gets a report: failed, engine_unavailable. The
     // client below is never called then; the context just needs one.
     let (docker, input) = match crate::engine::connect(config.docker.host.as_deref()).await {
@@ -451,15 +482,19 @@ async fn discover(config: Config, image: &str, source: Source) -> anyhow::Result
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_password(env: Option<&str>, file: Option<&PathBuf>) -> anyhow::Result<Option<String>> {
+fn read_password(env: Option<&str>, file: Option<&PathBuf>) -> Result<Option<String>, UsageError> {
     if let Some(var) = env {
         return std::env::var(var)
             .map(Some)
-            .with_context(|| format!("--password-env: {var} is not set"));
+            .map_err(|e| UsageError(format!("--password-env: {var}: {e}")));
     }
     if let Some(path) = file {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            UsageError(format!(
+                "--password-file: cannot read {}: {e}",
+                path.display()
+            ))
+        })?;
         return Ok(Some(text.trim_end_matches(['\n', '\r']).to_string()));
     }
     Ok(None)
@@ -558,12 +593,16 @@ async fn submit_build(args: BuildArgs) -> anyhow::Result<ExitCode> {
         let mut text = String::new();
         std::io::stdin()
             .read_to_string(&mut text)
-            .context("reading the build file from stdin")?;
+            .map_err(|e| UsageError(format!("--yaml-file: cannot read standard input: {e}")))?;
         text
     } else {
         std::fs::read_to_string(&args.yaml_file)
-            .with_context(|| format!("reading {}", args.yaml_file))?
+            .map_err(|e| UsageError(format!("--yaml-file: cannot read {}: {e}", args.yaml_file)))?
     };
+    // The worker's parser, here first: a build file it would refuse is not sent.
+    if let Err(e) = crate::build::file::parse(&yaml, config.build.max_yaml_bytes) {
+        return Err(UsageError(format!("invalid job: {e}")).into());
+    }
     let mut job = base_job(
         args.build.uuid.clone(),
         "build",
@@ -622,6 +661,7 @@ async fn submit_and_print(
         .pool
         .clone()
         .unwrap_or_else(|| config.worker.group.clone());
+    crate::config::check_pool_name(&pool).map_err(|e| UsageError(format!("--pool: {e}")))?;
     let wait = common
         .wait
         .then(|| Duration::from_secs(common.wait_timeout_s));

@@ -22,6 +22,12 @@ pub enum ConfigError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("cannot read the {what} {path}: {source}")]
+    SecretFile {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid configuration: {0}")]
     Parse(#[from] serde_yaml::Error),
     #[error("invalid environment override {var}: {reason}")]
@@ -223,7 +229,7 @@ impl Credentials {
     /// The password, read from `password_file` when set.
     pub fn resolve_password(&self) -> Result<Option<String>, ConfigError> {
         match &self.password_file {
-            Some(path) => read_secret_file(path).map(Some),
+            Some(path) => read_secret_file("password file", path).map(Some),
             None => Ok(self.password.clone()),
         }
     }
@@ -281,7 +287,8 @@ impl DiscoveryConfig {
 pub struct LogsConfig {
     /// Root of the job logs: each job writes `<root>/<YYYY>/<MM>/images/<uuid>/`.
     pub root: PathBuf,
-    /// Lines of the job log carried in the report's `logs`.
+    /// Lines of the job log carried in the report's `logs` (at most 64 KiB of them, each line
+    /// cut at 8 KiB: the report is one AMQP message).
     pub tail_lines: usize,
 }
 
@@ -347,7 +354,8 @@ pub struct BuildConfig {
     pub max_context_bytes: u64,
     /// Seconds a `files` download may take.
     pub fetch_timeout_s: u64,
-    /// Lines of build output quoted in the report's `error.message` when a build fails.
+    /// Lines of build output quoted in the report's `error.message` when a build fails (the
+    /// message is cut at 16 KiB, keeping its head and its end).
     pub error_tail_lines: usize,
 }
 
@@ -456,14 +464,7 @@ impl Config {
             ));
         }
         for pool in std::iter::once(&self.worker.group).chain(&self.worker.interest_list) {
-            if !pool
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-            {
-                return Err(ConfigError::Invalid(format!(
-                    "pool name {pool:?} may hold only letters, digits, '-', '_' and '.'"
-                )));
-            }
+            check_pool_name(pool).map_err(ConfigError::Invalid)?;
         }
         let invalid = |m: String| Err(ConfigError::Invalid(m));
         if self.worker.heartbeat_interval_s == 0 {
@@ -555,13 +556,50 @@ impl Config {
         Ok(())
     }
 
+    /// What `run`, `job` and `config check` need of the host besides the secrets: `logs.root`
+    /// can be created and written. Without it every job would report a `logs_dir` that holds
+    /// nothing, so the worker refuses to start instead. Not part of `load`: `submit` and
+    /// `cancel` run on other hosts, where the worker's logs root means nothing.
+    pub fn check_logs_root(&self) -> Result<(), ConfigError> {
+        let root = &self.logs.root;
+        let unwritable = |e: std::io::Error| {
+            ConfigError::Invalid(format!(
+                "logs.root {} cannot be written: {e}",
+                root.display()
+            ))
+        };
+        std::fs::create_dir_all(root).map_err(unwritable)?;
+        let probe = root.join(format!(".image-worker-write-check-{}", std::process::id()));
+        std::fs::write(&probe, b"").map_err(unwritable)?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(())
+    }
+
     /// The AMQP URL, read from `amqp.url_file` when set.
     pub fn amqp_url(&self) -> Result<String, ConfigError> {
         match &self.amqp.url_file {
-            Some(path) => read_secret_file(path),
+            Some(path) => read_secret_file("amqp.url_file", path),
             None => Ok(self.amqp.url.clone()),
         }
     }
+}
+
+/// A pool name becomes part of a routing key and a queue name (`<prefix>.jobs.<cap>.<pool>`):
+/// letters, digits, `-`, `_` and `.` only. Shared by `worker.group`, `worker.interest_list` and
+/// `submit --pool`.
+pub fn check_pool_name(pool: &str) -> Result<(), String> {
+    if pool.is_empty() {
+        return Err("a pool name must not be empty".into());
+    }
+    if !pool
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "pool name {pool:?} may hold only letters, digits, '-', '_' and '.'"
+        ));
+    }
+    Ok(())
 }
 
 fn check_amqp_scheme(url: &str) -> Result<(), ConfigError> {
@@ -575,10 +613,11 @@ fn check_amqp_scheme(url: &str) -> Result<(), ConfigError> {
     }
 }
 
-fn read_secret_file(path: &Path) -> Result<String, ConfigError> {
+fn read_secret_file(what: &'static str, path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
         .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
-        .map_err(|source| ConfigError::Read {
+        .map_err(|source| ConfigError::SecretFile {
+            what,
             path: path.to_path_buf(),
             source,
         })
@@ -724,12 +763,50 @@ mod tests {
         refused("logs: {root: relative/logs}", "absolute");
         secrets_refused(
             "registry: {credentials: {r: {username: u, password_file: /nonexistent/pw}}}",
-            "registry.credentials.r",
+            "registry.credentials.r: cannot read the password file /nonexistent/pw:",
         );
+        secrets_refused(
+            "amqp: {url_file: /nonexistent/amqp-url}",
+            "cannot read the amqp.url_file /nonexistent/amqp-url:",
+        );
+        refused("worker: {interest_list: [ok, 'a b']}", "pool name \"a b\"");
+        refused("worker: {interest_list: ['']}", "must not be empty");
         let e = Config::from_yaml_and_env("", env(&[("IMAGE_WORKER__WORKER__CONCURRENCY", "abc")]))
             .unwrap_err()
             .to_string();
         assert!(e.contains("IMAGE_WORKER__WORKER__CONCURRENCY"), "{e}");
+    }
+
+    #[test]
+    fn pool_names_are_checked_once_for_config_and_submit() {
+        assert_eq!(check_pool_name("lab-2.x_y"), Ok(()));
+        assert_eq!(
+            check_pool_name("a b"),
+            Err("pool name \"a b\" may hold only letters, digits, '-', '_' and '.'".into())
+        );
+        assert!(check_pool_name("").is_err());
+        assert!(check_pool_name("a#b").is_err());
+    }
+
+    #[test]
+    fn logs_root_must_be_writable() {
+        let root = std::env::temp_dir().join(format!("iw-logs-root-{}", uuid::Uuid::new_v4()));
+        let yaml = |root: &str| format!("logs: {{root: '{root}'}}");
+        let c = Config::from_yaml_and_env(&yaml(&root.display().to_string()), env(&[])).unwrap();
+        c.check_logs_root().unwrap();
+        assert!(root.is_dir());
+        assert_eq!(
+            std::fs::read_dir(&root).unwrap().count(),
+            0,
+            "the probe is removed"
+        );
+        std::fs::remove_dir_all(&root).unwrap();
+        let c = Config::from_yaml_and_env(&yaml("/proc/nope"), env(&[])).unwrap();
+        let e = c.check_logs_root().unwrap_err().to_string();
+        assert!(
+            e.starts_with("invalid configuration: logs.root /proc/nope cannot be written:"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 use crate::broker::{self, PublishError, Publisher, Topology};
 use crate::config::Config;
 use crate::inflight::{Admission, InFlight};
-use crate::job::parse_job;
+use crate::job::{InvalidJob, Job, parse_job};
 use crate::lease::Lease;
 use crate::pipeline::{DeliveryInfo, EventSender, Finished, JobContext, run_job};
 use crate::report::{Report, Status, WorkerInfo, insert_time};
@@ -200,6 +200,13 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         ));
     }
     let _stop_http = http_stop.drop_guard();
+    {
+        let (metrics, graceful) = (metrics.clone(), shutdown.graceful.clone());
+        tokio::spawn(async move {
+            graceful.cancelled().await;
+            metrics.set_draining();
+        });
+    }
     let Some(docker) = connect_engine(&config, &shutdown).await else {
         return Ok(());
     };
@@ -344,9 +351,19 @@ async fn forward_events(
     }
 }
 
-/// The job consumers of one channel, and their tags.
+/// Where a delivery came from: the cap and the name of the job queue it was consumed from.
+#[derive(Debug, Clone)]
+struct Source {
+    cap: String,
+    queue: String,
+}
+
+/// The job consumers of one channel, and their tags. Each delivery comes with its [`Source`]:
+/// the queue tells which cap the sender routed the job with.
 struct Consumers {
-    deliveries: futures_util::stream::SelectAll<lapin::Consumer>,
+    deliveries: futures_util::stream::SelectAll<
+        futures_util::stream::BoxStream<'static, (Source, lapin::Result<Delivery>)>,
+    >,
     tags: Vec<String>,
 }
 
@@ -373,15 +390,20 @@ impl Daemon {
                 self.ctx.worker.worker_id,
                 uuid::Uuid::new_v4().simple()
             );
+            let queue = self.topology.job_queue(cap, pool);
             let consumer = channel
                 .basic_consume(
-                    self.topology.job_queue(cap, pool).into(),
+                    queue.clone().into(),
                     tag.clone().into(),
                     BasicConsumeOptions::default(),
                     FieldTable::default(),
                 )
                 .await?;
-            consumers.push(consumer);
+            let source = Source {
+                cap: cap.clone(),
+                queue,
+            };
+            consumers.push(consumer.map(move |d| (source.clone(), d)).boxed());
             tags.push(tag);
         }
         Ok(Consumers {
@@ -397,7 +419,7 @@ impl Daemon {
                 .basic_cancel(tag.clone().into(), BasicCancelOptions::default())
                 .await;
         }
-        while let Ok(Some(Ok(d))) =
+        while let Ok(Some((_, Ok(d)))) =
             tokio::time::timeout(Duration::from_millis(200), consumers.deliveries.next()).await
         {
             let _ = d
@@ -413,14 +435,16 @@ impl Daemon {
     /// One broker connection's life. `Ok` means a graceful shutdown was asked for.
     async fn session(self: Arc<Self>) -> anyhow::Result<()> {
         let config = &self.ctx.config;
-        let connection = broker::connect_configured(
-            config,
-            &format!("image-worker {}", self.ctx.worker.app_label),
-        )
-        .await?;
+        let connection = Arc::new(
+            broker::connect_configured(
+                config,
+                &format!("image-worker {}", self.ctx.worker.app_label),
+            )
+            .await?,
+        );
         let publisher = Publisher::open(&connection).await?;
         self.topology
-            .declare(publisher.channel(), &self.queues)
+            .declare(&publisher.channel(), &self.queues)
             .await?;
         let channel = connection.create_channel().await?;
         channel
@@ -493,15 +517,15 @@ impl Daemon {
                     None => break Err(anyhow::anyhow!("the broker closed the control consumer")),
                 },
                 delivery = next_delivery => match delivery {
-                    Some(Ok(delivery)) => {
+                    Some((source, Ok(delivery))) => {
                         let permit = self.permits.clone().acquire_owned().await.expect("semaphore never closed");
                         let daemon = self.clone();
                         self.tracker.spawn(async move {
-                            daemon.handle_delivery(delivery).await;
+                            daemon.handle_delivery(delivery, source).await;
                             drop(permit);
                         });
                     }
-                    Some(Err(e)) => break Err(anyhow::Error::new(e).context("consumer failed")),
+                    Some((_, Err(e))) => break Err(anyhow::Error::new(e).context("consumer failed")),
                     None => break Err(anyhow::anyhow!("the broker closed the consumer")),
                 },
             }
@@ -597,7 +621,7 @@ impl Daemon {
 
     /// One delivery: dead-letter it, or run the job (once, however often it is delivered) and
     /// publish its report; acknowledge last.
-    async fn handle_delivery(self: Arc<Self>, delivery: Delivery) {
+    async fn handle_delivery(self: Arc<Self>, delivery: Delivery, source: Source) {
         let stop = self.shutdown.immediate.clone();
         let routing_key = delivery.routing_key.as_str().to_string();
         let input = match parse_job(&delivery.data, self.ctx.config.jobs.max_message_bytes) {
@@ -629,6 +653,7 @@ impl Daemon {
                 return;
             }
         };
+        let input = check_cap(input, &source);
         let (uuid, job_type) = match &input {
             Ok(job) => (job.uuid.clone(), job.job_type),
             Err(invalid) => (invalid.uuid.clone(), invalid.job_type),
@@ -655,7 +680,8 @@ impl Daemon {
                 let outcome = self
                     .publish_report(&finished, reply_to.iter().cloned().collect(), &stop)
                     .await;
-                settle(&delivery, outcome, "report", Some(&uuid)).await;
+                self.settle_reported(vec![*delivery], &outcome, &uuid, &stop)
+                    .await;
                 return;
             }
         };
@@ -666,9 +692,8 @@ impl Daemon {
             let outcome = self
                 .publish_report(&stored, self.jobs.reply_to(&uuid), &stop)
                 .await;
-            for d in self.jobs.finish(&uuid) {
-                settle(&d, outcome.clone(), "report", Some(&uuid)).await;
-            }
+            self.settle_reported(self.jobs.finish(&uuid), &outcome, &uuid, &stop)
+                .await;
             return;
         }
 
@@ -708,10 +733,15 @@ impl Daemon {
         let outcome = self
             .publish_report(&finished, self.jobs.reply_to(&uuid), &stop)
             .await;
-        for d in self.jobs.finish(&uuid) {
-            settle(&d, outcome.clone(), "report", Some(&uuid)).await;
-        }
-        if let (Ok(()), Some(lease)) = (&outcome, lease)
+        self.settle_reported(self.jobs.finish(&uuid), &outcome, &uuid, &stop)
+            .await;
+        // A refused report ends the job too (its message went to the dead-letter queue): a
+        // lease left to expire would only bring it back.
+        let settled = match &outcome {
+            Ok(()) => true,
+            Err(e) => e.is_refusal(),
+        };
+        if let (true, Some(lease)) = (settled, lease)
             && let Some(p) = self.publisher.current()
             && let Err(e) = lease.release(&p).await
         {
@@ -724,13 +754,44 @@ impl Daemon {
             .await;
     }
 
-    /// The final report: to the events exchange, then to each reply queue; confirmed.
+    /// The final report: to the events exchange, then to each reply queue; confirmed. A report
+    /// over [`MAX_REPORT_BYTES`], or one the broker refuses, goes out compacted (report.json
+    /// keeps it whole); an error that is still a refusal means the broker will never take it.
     async fn publish_report(
         &self,
         finished: &Finished,
         reply_to: Vec<String>,
         stop: &CancellationToken,
-    ) -> Result<(), String> {
+    ) -> Result<(), PublishError> {
+        let uuid = &finished.report.uuid;
+        if finished.json.len() > MAX_REPORT_BYTES {
+            tracing::warn!(job = %uuid, bytes = finished.json.len(), limit = MAX_REPORT_BYTES, "report too large: publishing it compacted (report.json keeps it whole)");
+            let compact = compact_report_json(&finished.json);
+            return self
+                .publish_report_json(finished, &compact, &reply_to, stop)
+                .await;
+        }
+        match self
+            .publish_report_json(finished, &finished.json, &reply_to, stop)
+            .await
+        {
+            Err(e) if e.is_refusal() => {
+                tracing::error!(job = %uuid, error = %e, bytes = finished.json.len(), "the broker refused the report: publishing it compacted");
+                let compact = compact_report_json(&finished.json);
+                self.publish_report_json(finished, &compact, &reply_to, stop)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_report_json(
+        &self,
+        finished: &Finished,
+        json: &[u8],
+        reply_to: &[String],
+        stop: &CancellationToken,
+    ) -> Result<(), PublishError> {
         let report = &finished.report;
         let key = format!("job.{}.{}", report.job_type, report.status.as_str());
         let props =
@@ -739,23 +800,77 @@ impl Daemon {
             .publish_reliably(
                 &self.topology.events_exchange(),
                 &key,
-                &finished.json,
+                json,
                 props.clone(),
                 false,
                 stop,
             )
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         for queue in reply_to {
-            // A reply queue that is gone (its submitter left) is not an error: the event holds
-            // the report.
-            self.publisher
-                .publish_reliably("", &queue, &finished.json, props.clone(), false, stop)
+            // Mandatory, so that a reply queue that does not exist (its submitter left, or a
+            // typo) is said in the log; it is not an error: the event holds the report.
+            match self
+                .publisher
+                .publish_reliably("", queue, json, props.clone(), true, stop)
                 .await
-                .map_err(|e| e.to_string())?;
+            {
+                Err(PublishError::Unroutable(_)) => {
+                    tracing::warn!(job = %report.uuid, reply_to = %queue, "reply_to names no queue: the report went to the events exchange only");
+                }
+                other => other?,
+            }
         }
         tracing::info!(job = %report.uuid, status = report.status.as_str(), "report published");
         Ok(())
+    }
+
+    /// Acknowledges a job's deliveries once its report is out. A report the broker refused even
+    /// compacted would be refused on every redelivery: the message goes to the dead-letter queue
+    /// with the reason instead of back to its queue, so it cannot loop.
+    async fn settle_reported(
+        &self,
+        deliveries: Vec<Delivery>,
+        outcome: &Result<(), PublishError>,
+        uuid: &str,
+        stop: &CancellationToken,
+    ) {
+        let refusal = match outcome {
+            Err(e) if e.is_refusal() => e.to_string(),
+            other => {
+                let outcome = other.as_ref().map(|_| ()).map_err(|e| e.to_string());
+                for d in &deliveries {
+                    settle(d, outcome.clone(), "report", Some(uuid)).await;
+                }
+                return;
+            }
+        };
+        let reason = format!(
+            "the job ran but the broker refused its report, compacted too ({refusal}); report.json in its logs_dir holds it"
+        );
+        tracing::error!(job = %uuid, reason = %reason, "job message dead-lettered");
+        for d in &deliveries {
+            let props =
+                broker::dead_letter_properties(&d.properties, &reason, d.routing_key.as_str());
+            let copied = self
+                .publisher
+                .publish_reliably(
+                    "",
+                    &self.topology.dead_queue(),
+                    &dead_letter_body(&d.data),
+                    props,
+                    true,
+                    stop,
+                )
+                .await;
+            self.ctx.metrics.dead_lettered();
+            settle(
+                d,
+                copied.map_err(|e| e.to_string()),
+                "dead-letter",
+                Some(uuid),
+            )
+            .await;
+        }
     }
 
     /// Hands a long job's message to a lease before the broker's consumer_timeout, and renews
@@ -817,8 +932,92 @@ impl Daemon {
     }
 }
 
+/// Largest report published as it is. RabbitMQ refuses messages over its `max_message_size`
+/// (128 MiB in 3.x, 16 MiB from 4.0) and consumers of the API store each report as a record;
+/// with the logs tail and `error.message` capped a report stays far below this, so only an
+/// exceptional one (a huge echoed `data`) is compacted.
+const MAX_REPORT_BYTES: usize = 4 * 1024 * 1024;
+
+/// Fields of a compacted report kept only when their JSON is at most this long.
+const COMPACT_FIELD_BYTES: usize = 4 * 1024;
+
+/// A report small enough for any broker: every top-level field whose JSON is over
+/// [`COMPACT_FIELD_BYTES`] is emptied (same type), `error.message` is cut to that size, and a
+/// warning names what was left out. The input is the already masked report JSON.
+fn compact_report_json(json: &[u8]) -> Vec<u8> {
+    let Ok(serde_json::Value::Object(mut report)) = serde_json::from_slice(json) else {
+        return serde_json::to_vec(
+            &json!({"warnings": ["the report could not be read back to compact it"]}),
+        )
+        .expect("a value serializes");
+    };
+    let mut left_out = Vec::new();
+    for (key, value) in report.iter_mut() {
+        if key == "error" {
+            if let Some(serde_json::Value::String(m)) = value.get_mut("message") {
+                *m = crate::pipeline::cap_error_message(m, COMPACT_FIELD_BYTES);
+            }
+            continue;
+        }
+        let size = serde_json::to_vec(value).map_or(0, |v| v.len());
+        if size > COMPACT_FIELD_BYTES {
+            *value = match value {
+                serde_json::Value::String(_) => serde_json::Value::String(String::new()),
+                serde_json::Value::Array(_) => json!([]),
+                serde_json::Value::Object(_) => json!({}),
+                _ => serde_json::Value::Null,
+            };
+            left_out.push(format!("{key} ({size} bytes)"));
+        }
+    }
+    let logs_dir = report
+        .get("logs_dir")
+        .and_then(|d| d.as_str())
+        .unwrap_or_default()
+        .to_string();
+    let note = format!(
+        "report compacted to fit the broker: left out {}; {logs_dir}/report.json holds it whole",
+        left_out.join(", ")
+    );
+    match report.get_mut("warnings") {
+        Some(serde_json::Value::Array(w)) => w.push(note.into()),
+        _ => {
+            report.insert("warnings".into(), json!([note]));
+        }
+    }
+    serde_json::to_vec(&report).expect("a value serializes")
+}
+
+/// A job runs only from a queue of the cap its type needs: a `pull` routed to
+/// `polaris_image.<pool>` (or a `polaris_build` to `image.<pool>`) reached a worker chosen for
+/// another capability, so it fails with `invalid_job` rather than run there.
+fn check_cap(input: Result<Job, InvalidJob>, source: &Source) -> Result<Job, InvalidJob> {
+    let (job_type, uuid, raw) = match &input {
+        Ok(job) => (job.job_type, &job.uuid, &job.raw),
+        Err(invalid) => (invalid.job_type, &invalid.uuid, &invalid.raw),
+    };
+    if job_type.cap() == source.cap {
+        return input;
+    }
+    Err(InvalidJob {
+        uuid: uuid.clone(),
+        job_type,
+        raw: raw.clone(),
+        message: format!(
+            "a {} job needs cap {} but came from queue {} (cap {}): publish it with routing key {}.<pool>",
+            job_type.as_str(),
+            job_type.cap(),
+            source.queue,
+            source.cap,
+            job_type.cap()
+        ),
+        kind: "invalid_job",
+        retryable: false,
+    })
+}
+
 /// The report of a job that was already reported (its `report.json` in this worker's logs
-/// root), for a redelivered message: sent again rather than run again.
+/// root), for a redelivered message: sent again rather than run again, marked `redelivered`.
 fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
     let now = chrono::Utc::now();
     [now, now - chrono::Duration::days(31)]
@@ -826,14 +1025,33 @@ fn stored_final_report(root: &std::path::Path, uuid: &str) -> Option<Finished> {
         .find_map(|at| {
             let path = crate::joblog::logs_dir_for(root, uuid, *at).join("report.json");
             let json = std::fs::read(path).ok()?;
-            let report: Report = serde_json::from_slice(&json).ok()?;
-            (report.status != Status::Running).then_some(Finished { report, json })
+            let mut report: Report = serde_json::from_slice(&json).ok()?;
+            if report.status == Status::Running {
+                return None;
+            }
+            // This copy answers a redelivery, whatever the first delivery was.
+            report.redelivered = true;
+            let json = marked_redelivered(&json)?;
+            Some(Finished { report, json })
         })
 }
 
-/// A message that is not a job, as kept in the dead-letter queue: byte for byte, except that a
-/// JSON body has its secret-looking fields masked (it may be a job gone wrong, password included).
-fn dead_letter_body(body: &[u8]) -> Vec<u8> {
+/// A stored report's JSON with `redelivered: true`; the rest as stored (already masked).
+fn marked_redelivered(json: &[u8]) -> Option<Vec<u8>> {
+    let mut value: serde_json::Value = serde_json::from_slice(json).ok()?;
+    value
+        .as_object_mut()?
+        .insert("redelivered".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&value).ok()
+}
+
+/// A message that is not a job, as kept in the dead-letter queue: byte for byte, except that
+/// secrets are masked (it may be a job gone wrong, password included). A JSON body has its
+/// secret-looking fields masked in the value tree; a body that does not parse (trailing garbage,
+/// invalid UTF-8) is masked textually; when text that looks secret is left that no rule can mask
+/// reliably (a secret field holding an object, YAML inside a string), the body is withheld and
+/// replaced by a description of it. The headers (`x-error`...) are kept either way.
+pub(crate) fn dead_letter_body(body: &[u8]) -> Vec<u8> {
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(mut value) => {
             let before = value.clone();
@@ -841,11 +1059,27 @@ fn dead_letter_body(body: &[u8]) -> Vec<u8> {
             if value == before {
                 body.to_vec()
             } else {
-                serde_json::to_vec(&value).unwrap_or_else(|_| body.to_vec())
+                serde_json::to_vec(&value).unwrap_or_else(|_| withheld_body(body))
             }
         }
-        Err(_) => body.to_vec(),
+        Err(_) => {
+            let text = String::from_utf8_lossy(body);
+            match crate::secrets::mask_text_fields(&text) {
+                Some(masked) if masked == text => body.to_vec(),
+                Some(masked) => masked.into_bytes(),
+                None => withheld_body(body),
+            }
+        }
     }
+}
+
+/// What the dead-letter queue keeps of a message whose secrets cannot be masked reliably.
+fn withheld_body(body: &[u8]) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "withheld": "the message is not valid JSON and holds text that looks secret but cannot be masked reliably; its body is not kept (see the x-error header for why it is not a job)",
+        "bytes": body.len(),
+    }))
+    .expect("a description serializes")
 }
 
 async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str, uuid: Option<&str>) {
@@ -865,5 +1099,117 @@ async fn settle(delivery: &Delivery, outcome: Result<(), String>, what: &str, uu
     };
     if let Err(e) = result {
         tracing::debug!(job, error = %e, "cannot settle the delivery (its channel is gone); the broker delivers it again");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_copies_keep_no_secret() {
+        // Not a job but JSON: fields masked in the value tree.
+        let json_body = br#"{"uuid": 5, "password": "s3cr3t-pw"}"#;
+        let dead: serde_json::Value = serde_json::from_slice(&dead_letter_body(json_body)).unwrap();
+        assert_eq!(dead, json!({"uuid": 5, "password": "********"}));
+        // Nothing to mask: byte for byte, JSON or not.
+        for body in [&b"not json"[..], b"{\"a\": 1} }{", b"{\"name\": \"x\xff\"}"] {
+            assert_eq!(dead_letter_body(body), body);
+        }
+        // A job followed by garbage: masked as text.
+        assert_eq!(
+            dead_letter_body(br#"{"uuid": "u", "password": "s3cr3t-pw"} }{"#),
+            br#"{"uuid": "u", "password": "********"} }{"#
+        );
+        // Invalid UTF-8 inside: masked as text (the invalid bytes become U+FFFD).
+        assert_eq!(
+            dead_letter_body(b"{\"name\": \"a\xffb\", \"password\": \"s3cr3t-pw\"}"),
+            "{\"name\": \"a\u{fffd}b\", \"password\": \"********\"}".as_bytes()
+        );
+        // Cannot be masked reliably: withheld, described.
+        let body = br#"{"yaml_content": "credentials: {password: s3cr3t-pw}"} x"#;
+        let dead = dead_letter_body(body);
+        assert!(!String::from_utf8_lossy(&dead).contains("s3cr3t-pw"));
+        let dead: serde_json::Value = serde_json::from_slice(&dead).unwrap();
+        assert_eq!(dead["bytes"], body.len());
+        assert!(dead["withheld"].as_str().unwrap().contains("not kept"));
+    }
+
+    #[test]
+    fn jobs_from_the_queue_of_another_cap_are_invalid() {
+        let body = json!({
+            "uuid": "1d252f72-181b-4af8-91d1-da34f248a004", "type": "pull", "group": "g",
+            "name": "fixtures/basic", "push_url": "127.0.0.1:5000"
+        })
+        .to_string();
+        let input = || parse_job(body.as_bytes(), 1 << 20).unwrap();
+        let image = Source {
+            cap: "image".into(),
+            queue: "xpresso.jobs.image.general".into(),
+        };
+        assert!(check_cap(input(), &image).is_ok());
+        let polaris = Source {
+            cap: "polaris_image".into(),
+            queue: "xpresso.jobs.polaris_image.general".into(),
+        };
+        let invalid = check_cap(input(), &polaris).unwrap_err();
+        assert_eq!(invalid.kind, "invalid_job");
+        assert!(!invalid.retryable);
+        assert_eq!(
+            invalid.message,
+            "a pull job needs cap image but came from queue xpresso.jobs.polaris_image.general \
+             (cap polaris_image): publish it with routing key image.<pool>"
+        );
+        assert_eq!(invalid.raw["name"], "fixtures/basic");
+    }
+
+    #[test]
+    fn a_stored_report_sent_again_says_redelivered() {
+        let stored = br#"{"uuid": "u", "redelivered": false, "data": {"password": "********"}}"#;
+        let again: serde_json::Value =
+            serde_json::from_slice(&marked_redelivered(stored).unwrap()).unwrap();
+        assert_eq!(
+            again,
+            json!({"uuid": "u", "redelivered": true, "data": {"password": "********"}})
+        );
+        assert_eq!(marked_redelivered(b"[1]"), None);
+    }
+
+    #[test]
+    fn compacted_reports_are_small_and_say_what_they_left_out() {
+        let report = json!({
+            "uuid": "u", "status": "failed", "logs_dir": "/logs/2026/03/images/u",
+            "logs": "l".repeat(70_000),
+            "data": {"padding": "p".repeat(5_000), "password": "********"},
+            "jobs": ["/pyats/a_job.py"],
+            "warnings": ["a broken manifest"],
+            "error": {"kind": "build", "message": "m".repeat(16_000), "retryable": false},
+            "size": 12,
+        });
+        let compact: serde_json::Value =
+            serde_json::from_slice(&compact_report_json(&serde_json::to_vec(&report).unwrap()))
+                .unwrap();
+        assert_eq!(compact["logs"], "");
+        assert_eq!(compact["data"], json!({}));
+        assert_eq!(compact["jobs"], json!(["/pyats/a_job.py"]));
+        assert_eq!(compact["size"], 12);
+        assert_eq!(compact["error"]["kind"], "build");
+        assert!(compact["error"]["message"].as_str().unwrap().len() <= COMPACT_FIELD_BYTES);
+        assert_eq!(
+            compact["warnings"],
+            json!([
+                "a broken manifest",
+                "report compacted to fit the broker: left out data (5036 bytes), logs (70002 bytes); /logs/2026/03/images/u/report.json holds it whole"
+            ])
+        );
+        assert!(serde_json::to_vec(&compact).unwrap().len() < 3 * COMPACT_FIELD_BYTES);
+    }
+
+    #[test]
+    fn refusals_are_told_from_outages() {
+        assert!(PublishError::Nacked.is_refusal());
+        assert!(PublishError::Refused("406".into()).is_refusal());
+        assert!(!PublishError::Stopped.is_refusal());
+        assert!(!PublishError::Unroutable("x".into()).is_refusal());
     }
 }

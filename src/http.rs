@@ -56,8 +56,14 @@ async fn respond(mut stream: TcpStream, metrics: &Metrics) -> std::io::Result<()
         ("GET", "/healthz") => ("200 OK", "text/plain", "ok\n".to_string()),
         ("GET", "/readyz") => {
             let (broker, engine) = (metrics.broker_up(), metrics.engine_up());
-            let body = format!("broker: {}\nengine: {}\n", up(broker), up(engine));
-            if broker && engine {
+            let mut body = format!("broker: {}\nengine: {}\n", up(broker), up(engine));
+            // Once SIGTERM came, the worker takes no job: a load balancer or the kubelet
+            // should stop counting it even while its broker session finishes.
+            let draining = metrics.draining();
+            if draining {
+                body.push_str("draining\n");
+            }
+            if broker && engine && !draining {
                 ("200 OK", "text/plain", body)
             } else {
                 ("503 Service Unavailable", "text/plain", body)
@@ -111,6 +117,13 @@ mod tests {
         metrics.set_broker_up(true);
         metrics.set_engine_up(true);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200 OK"));
+        metrics.set_draining();
+        let draining = get(addr, "/readyz").await;
+        assert!(draining.starts_with("HTTP/1.1 503"), "{draining}");
+        assert!(
+            draining.ends_with("broker: up\nengine: up\ndraining\n"),
+            "{draining}"
+        );
         let m = get(addr, "/metrics").await;
         assert!(m.contains("image_worker_broker_up 1"), "{m}");
         assert!(get(addr, "/nope").await.starts_with("HTTP/1.1 404"));

@@ -12,6 +12,34 @@ use chrono::{DateTime, Datelike, Utc};
 
 use crate::secrets::SecretMask;
 
+/// Longest line kept, in bytes, in `job.log`, the worker's log and the tail. A build step can
+/// print megabytes on one line (a progress bar, a minified file, `cat` of a binary): past this
+/// the line is cut and says how much was left out, so one line cannot bloat the report or the
+/// worker's log.
+pub const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// Most bytes of the report's `logs` (the tail). The report travels as one AMQP message and is
+/// stored as an API record; `job.log` holds every line for whoever needs more.
+pub const MAX_TAIL_BYTES: usize = 64 * 1024;
+
+/// `text` cut to at most about `max` bytes (on a character boundary), with a note of how many
+/// bytes were left out; unchanged when it fits.
+pub fn truncate_line(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut cut = max;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    std::borrow::Cow::Owned(format!(
+        "{} [line truncated: {} of {} bytes left out]",
+        &text[..cut],
+        text.len() - cut,
+        text.len()
+    ))
+}
+
 /// `<root>/<YYYY>/<MM>/images/<uuid>`.
 pub fn logs_dir_for(root: &Path, uuid: &str, at: DateTime<Utc>) -> PathBuf {
     root.join(format!("{:04}", at.year()))
@@ -119,6 +147,7 @@ impl JobLog {
             Level::Error => "ERROR",
         };
         for text in masked.lines() {
+            let text = truncate_line(text, MAX_LINE_BYTES);
             match level {
                 Level::Info => tracing::info!(job = %self.uuid, "{text}"),
                 Level::Warn => tracing::warn!(job = %self.uuid, "{text}"),
@@ -138,11 +167,27 @@ impl JobLog {
         }
     }
 
-    /// The last lines, newest last, as the report's `logs`.
+    /// The last lines, newest last, as the report's `logs`: at most `logs.tail_lines` lines
+    /// and [`MAX_TAIL_BYTES`] bytes; when the byte cap drops lines, a first line says so.
     pub fn tail(&self) -> String {
         let tail = self.tail.lock().unwrap();
-        let mut out = String::new();
-        for line in tail.iter() {
+        let mut kept = 0;
+        let mut bytes = 0;
+        for line in tail.iter().rev() {
+            if bytes + line.len() + 1 > MAX_TAIL_BYTES {
+                break;
+            }
+            bytes += line.len() + 1;
+            kept += 1;
+        }
+        let mut out = String::with_capacity(bytes + 128);
+        let omitted = tail.len() - kept;
+        if omitted > 0 {
+            out.push_str(&format!(
+                "[{omitted} earlier lines left out: the tail is capped at {MAX_TAIL_BYTES} bytes; job.log has them]\n"
+            ));
+        }
+        for line in tail.iter().skip(omitted) {
             out.push_str(line);
             out.push('\n');
         }
@@ -192,6 +237,49 @@ mod tests {
         assert!(!whole.contains("pa55word"));
         let report = std::fs::read_to_string(log.dir().join("report.json")).unwrap();
         assert_eq!(report, r#"{"x":"y"}"#);
+        std::fs::remove_dir_all(root).unwrap();
+    }
+
+    #[test]
+    fn long_lines_are_cut_and_the_tail_is_capped_in_bytes() {
+        assert_eq!(truncate_line("short", 8), "short");
+        assert_eq!(
+            truncate_line("abcdefghij", 4),
+            "abcd [line truncated: 6 of 10 bytes left out]"
+        );
+        // Never inside a character: "é" is two bytes.
+        assert_eq!(
+            truncate_line("aéé", 2),
+            "a [line truncated: 4 of 5 bytes left out]"
+        );
+
+        let root = std::env::temp_dir().join(format!("iw-joblog-{}", uuid::Uuid::new_v4()));
+        let log = JobLog::create(&root, "u-2", Utc::now(), SecretMask::default(), 100).unwrap();
+        // 6 MB of build output on one line, then 20 lines of 7 KiB.
+        log.info("x".repeat(6_000_000));
+        for i in 0..20 {
+            log.info(format!("{i:02} {}", "y".repeat(7 * 1024)));
+        }
+        log.close();
+        let whole = std::fs::read_to_string(log.dir().join("job.log")).unwrap();
+        let first = whole.lines().next().unwrap();
+        assert!(
+            first.ends_with("x [line truncated: 5991808 of 6000000 bytes left out]"),
+            "{}",
+            &first[first.len() - 80..]
+        );
+        assert!(whole.len() < 21 * MAX_LINE_BYTES + 4096, "{}", whole.len());
+        let tail = log.tail();
+        assert!(tail.len() <= MAX_TAIL_BYTES + 200, "{}", tail.len());
+        let lines: Vec<&str> = tail.lines().collect();
+        // 64 KiB hold the newest 9 of the 7 KiB lines; the first line says what is missing.
+        assert_eq!(
+            lines[0],
+            "[12 earlier lines left out: the tail is capped at 65536 bytes; job.log has them]"
+        );
+        assert_eq!(lines.len(), 10);
+        assert!(lines[9].contains(" INFO 19 "), "{}", &lines[9][..60]);
+        assert!(lines[1].contains(" INFO 11 "), "{}", &lines[1][..60]);
         std::fs::remove_dir_all(root).unwrap();
     }
 }

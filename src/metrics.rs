@@ -29,6 +29,8 @@ pub struct Metrics {
     retries: AtomicU64,
     broker_up: AtomicBool,
     engine_up: AtomicBool,
+    /// A graceful shutdown started: no new jobs are taken, so the worker is not ready.
+    draining: AtomicBool,
 }
 
 impl Metrics {
@@ -86,6 +88,14 @@ impl Metrics {
 
     pub fn set_engine_up(&self, up: bool) {
         self.engine_up.store(up, Ordering::Relaxed);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub fn broker_up(&self) -> bool {

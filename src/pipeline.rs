@@ -259,6 +259,40 @@ pub struct Finished {
     pub json: Vec<u8>,
 }
 
+/// Most bytes of a report's `error.message`. A failed build quotes its last output lines, and an
+/// engine error can quote a whole response: the message says what went wrong, `job.log` has
+/// everything, and the report stays one reasonable AMQP message.
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 16 * 1024;
+
+/// `message` within `max` bytes: its beginning (what failed) and its end (a build's last lines)
+/// around a note of what was left out; unchanged when it fits.
+pub fn cap_error_message(message: &str, max: usize) -> String {
+    if message.len() <= max {
+        return message.to_string();
+    }
+    let floor = |mut i: usize| {
+        while !message.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    };
+    let ceil = |mut i: usize| {
+        while !message.is_char_boundary(i) {
+            i += 1;
+        }
+        i
+    };
+    // A quarter for the head, the rest for the tail, less room for the note.
+    let head = floor(max / 4);
+    let tail = ceil(message.len() - (max - max / 4).saturating_sub(96));
+    format!(
+        "{}\n[... {} bytes left out; job.log has the whole message ...]\n{}",
+        &message[..head],
+        tail - head,
+        &message[tail..]
+    )
+}
+
 /// Runs one job (or reports why it is invalid) and returns its final report.
 pub async fn run_job(
     ctx: &JobContext,
@@ -352,7 +386,7 @@ pub async fn run_job(
             log.warn("job cancelled");
             report.error = Some(ErrorInfo {
                 kind: e.kind.to_string(),
-                message: e.message,
+                message: cap_error_message(&e.message, MAX_ERROR_MESSAGE_BYTES),
                 retryable: false,
             });
         }
@@ -360,6 +394,7 @@ pub async fn run_job(
             report.status = Status::Failed;
             let message = mask.mask(&e.message);
             log.error(format!("job failed ({}): {message}", e.kind));
+            let message = cap_error_message(&message, MAX_ERROR_MESSAGE_BYTES);
             report.error = Some(ErrorInfo {
                 kind: e.kind.to_string(),
                 message,
@@ -657,4 +692,45 @@ pub(crate) async fn discover(
     }
     report.set_discovery(found, elapsed);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_are_capped_keeping_head_and_tail() {
+        assert_eq!(cap_error_message("short", 100), "short");
+        // A failed build of 6 MB of output: what failed, and its last lines.
+        let message = format!(
+            "the build of x failed: step 3\nlast build output:\n{}\nlast line",
+            "o".repeat(6_000_000)
+        );
+        let capped = cap_error_message(&message, MAX_ERROR_MESSAGE_BYTES);
+        assert!(capped.len() <= MAX_ERROR_MESSAGE_BYTES, "{}", capped.len());
+        assert!(
+            capped.len() > MAX_ERROR_MESSAGE_BYTES - 200,
+            "{}",
+            capped.len()
+        );
+        assert!(capped.starts_with("the build of x failed: step 3\nlast build output:\nooo"));
+        assert!(capped.ends_with("ooo\nlast line"));
+        // 16384 bytes: 4096 of head, 12192 of tail, the note between.
+        let note = format!(
+            "\n[... {} bytes left out; job.log has the whole message ...]\n",
+            message.len() - 4096 - 12192
+        );
+        assert_eq!(capped.len(), 4096 + note.len() + 12192);
+        assert_eq!(&capped[4096..4096 + note.len()], note);
+        // Never inside a character.
+        let wide = "é".repeat(300);
+        assert_eq!(
+            cap_error_message(&wide, 201),
+            format!(
+                "{}\n[... 496 bytes left out; job.log has the whole message ...]\n{}",
+                "é".repeat(25),
+                "é".repeat(27)
+            )
+        );
+    }
 }

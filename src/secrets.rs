@@ -107,9 +107,77 @@ pub fn mask_url_credentials(text: &str) -> String {
         .into_owned()
 }
 
+/// Masks text that should be JSON but does not parse (a job followed by garbage, invalid UTF-8
+/// inside): every `"<secret field>": "<string>"` pair gets [`MASK`] as its value, and URL
+/// credentials are masked. `None` when text that looks secret is left over that no such rule
+/// covers (a secret field holding an object or a number, YAML credentials inside a string, an
+/// escaped pair): the caller must not keep that text at all.
+pub fn mask_text_fields(text: &str) -> Option<String> {
+    static PAIR: OnceLock<Regex> = OnceLock::new();
+    let pair = PAIR.get_or_init(|| {
+        Regex::new(r#""(?P<key>(?:[^"\\]|\\.)*)"(?P<sep>\s*:\s*)"(?:[^"\\]|\\.)*""#).unwrap()
+    });
+    let masked = mask_url_credentials(text);
+    let out = pair.replace_all(&masked, |c: &regex::Captures| {
+        if is_secret_field(&c["key"]) {
+            format!("\"{}\"{}\"{MASK}\"", &c["key"], &c["sep"])
+        } else {
+            c[0].to_string()
+        }
+    });
+    // What is left once the masked pairs are taken out must not look secret at all.
+    let residue = pair
+        .replace_all(&out, |c: &regex::Captures| {
+            if is_secret_field(&c["key"]) {
+                String::new()
+            } else {
+                c[0].to_string()
+            }
+        })
+        .to_ascii_lowercase();
+    let looks_secret = SECRET_NAME_PARTS
+        .iter()
+        .chain(SECRET_FIELDS)
+        .any(|part| residue.contains(part))
+        || residue.contains("\"auth\"");
+    (!looks_secret).then(|| out.into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn masks_secret_fields_in_text_that_is_not_json() {
+        // A job followed by garbage: the pair is masked, the rest kept byte for byte.
+        let text = r#"{"uuid": "u", "name": "n", "Password" : "corpus-secret-pw", "x": "a\"b"} }{"#;
+        assert_eq!(
+            mask_text_fields(text).as_deref(),
+            Some(r#"{"uuid": "u", "name": "n", "Password" : "********", "x": "a\"b"} }{"#)
+        );
+        // Escaped quotes inside a secret value do not end it early.
+        assert_eq!(
+            mask_text_fields(r#"{"token": "a\"b\\", "n": 1}garbage"#).as_deref(),
+            Some(r#"{"token": "********", "n": 1}garbage"#)
+        );
+        // Nothing secret: unchanged (a replacement character from invalid UTF-8 included).
+        let plain = "{\"name\": \"fixtures/\u{fffd}basic\"} x";
+        assert_eq!(mask_text_fields(plain).as_deref(), Some(plain));
+        assert_eq!(
+            mask_text_fields("see https://bob:pw@reg.example/v2 }").as_deref(),
+            Some("see https://********@reg.example/v2 }")
+        );
+        // Secret-looking text no rule masks: refused, never passed on.
+        for unmaskable in [
+            r#"{"credentials": {"username": "u", "pw": "p"}} x"#,
+            r#"{"yaml_content": "repositories: {r: {credentials: {password: s3cr3t}}}"} x"#,
+            r#"{"note": "{\"password\": \"s3cr3t\"}"} x"#,
+            r#"{"auth": 12345} x"#,
+            "password=s3cr3t",
+        ] {
+            assert_eq!(mask_text_fields(unmaskable), None, "{unmaskable}");
+        }
+    }
 
     #[test]
     fn masks_registered_secrets_and_url_credentials() {

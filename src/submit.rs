@@ -28,9 +28,10 @@ pub async fn cancel(config: &Config, uuid: &str) -> anyhow::Result<()> {
         .with_context(|| format!("{uuid:?} is not a uuid"))?
         .to_string();
     let topology = Topology::new(&config.amqp.prefix);
-    let connection = broker::connect_configured(config, "image-worker cancel").await?;
+    let connection =
+        std::sync::Arc::new(broker::connect_configured(config, "image-worker cancel").await?);
     let publisher = Publisher::open(&connection).await?;
-    topology.declare(publisher.channel(), &[]).await?;
+    topology.declare(&publisher.channel(), &[]).await?;
     let body = serde_json::to_vec(&serde_json::json!({"action": "cancel", "uuid": uuid}))?;
     publisher
         .publish(
@@ -64,12 +65,13 @@ pub async fn submit(
         .and_then(JobType::parse)
         .context("the job has no valid type")?;
     let topology = Topology::new(&config.amqp.prefix);
-    let connection = broker::connect_configured(config, "image-worker submit").await?;
+    let connection =
+        std::sync::Arc::new(broker::connect_configured(config, "image-worker submit").await?);
     let publisher = Publisher::open(&connection).await?;
     let cap = job_type.cap().to_string();
     // Declaring the job queue means a job sent before any worker of the pool started waits for one.
     topology
-        .declare(publisher.channel(), &[(cap.clone(), pool.to_string())])
+        .declare(&publisher.channel(), &[(cap.clone(), pool.to_string())])
         .await?;
 
     let mut replies = None;

@@ -63,6 +63,9 @@ fn jobs_repository(allowed: &Path) -> (std::path::PathBuf, String) {
     (bare, commit)
 }
 
+/// An `env` value full of what a Dockerfile would expand or unescape (YAML single-quoted).
+const RAW_ENV: &str = r#"$(id) ${PATH} $HOME "q" \ \$x \\ end\"#;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn build_job_over_amqp_installs_a_wheel_pushes_and_discovers() {
     let dir = temp_dir("iw-build");
@@ -91,6 +94,7 @@ async fn build_job_over_amqp_installs_a_wheel_pushes_and_discovers() {
 env:
   IW_GREETING: 'hello "builder"'
   IW_LIB: ${{WORKSPACE}}/lib
+  IW_RAW: '{raw_env}'
 files:
   - wheels/iwdemo-1.0-py3-none-any.whl: {wheel_url}
 packages:
@@ -104,6 +108,7 @@ jobfiles:
   glob: ['/pyats/tests/extra/run*.py']
 tag: ignored:latest
 "#,
+        raw_env = RAW_ENV,
         wheel_url = server.url("iwdemo-1.0-py3-none-any.whl"),
         bare = bare.display(),
     );
@@ -175,6 +180,16 @@ tag: ignored:latest
         ),
         "hello \"builder\"|/pyats/lib|/pyats"
     );
+    // Dockerfile syntax in a value is not expanded: the image holds it byte for byte.
+    let env: Vec<String> = serde_json::from_str(&docker(&[
+        "image",
+        "inspect",
+        "--format",
+        "{{json .Config.Env}}",
+        &by_digest,
+    ]))
+    .unwrap();
+    assert!(env.contains(&format!("IW_RAW={RAW_ENV}")), "{env:?}");
     // The repository at the pinned commit, without its .git.
     let listing = docker_run(
         &by_digest,
@@ -301,6 +316,37 @@ async fn broken_builds_fail_with_the_last_output_lines() {
     assert!(
         log.contains("Step 1/") && log.contains("iw-post-marker-line"),
         "{log}"
+    );
+
+    // 6 MB of output on one line: the report stays small, the lines say they were cut.
+    let flood = build_job(
+        &unique("builds/broken"),
+        OPEN_REGISTRY,
+        "cmds:\n  post: 'head -c 6000000 /dev/zero | tr \"\\0\" x; echo; echo iw-after-flood; exit 4'\n",
+    );
+    let report = run_build(&mut broker, &flood).await;
+    assert_eq!(report["status"], "failed", "{}", report["error"]);
+    assert_eq!(report["error"]["kind"], "build");
+    let size = report.to_string().len();
+    assert!(size < 200 * 1024, "the report is {size} bytes");
+    let message = report["error"]["message"].as_str().unwrap();
+    assert!(message.len() <= 16 * 1024, "{}", message.len());
+    assert!(message.contains("returned a non-zero code: 4"), "{message}");
+    assert!(message.contains("iw-after-flood"), "{message}");
+    assert!(
+        message.contains("[line truncated: 5991808 of 6000000 bytes left out]"),
+        "{message}"
+    );
+    let logs = report["logs"].as_str().unwrap();
+    assert!(logs.len() <= 65 * 1024, "{}", logs.len());
+    let log = job_log(&report);
+    assert!(log.len() < 1024 * 1024, "job.log is {} bytes", log.len());
+    assert!(
+        // The logged line is "build: " and the output line.
+        log.contains("INFO build: xxx")
+            && log.contains("xxx [line truncated: 5991815 of 6000007 bytes left out]"),
+        "{}",
+        &log[..log.len().min(2000)]
     );
 }
 

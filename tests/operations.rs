@@ -180,3 +180,104 @@ async fn image_cache_budget_removes_least_recently_used() {
             .output();
     }
 }
+
+/// A message the broker refuses (406, here a `user_id` that is not the connection's; the same
+/// as a report over `max_message_size`) is a final refusal, not a broker to wait for: the
+/// daemon then sends a compact report or gives the job up, never the same bytes in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_the_broker_refuses_is_a_refusal_not_an_outage() {
+    setup();
+    let connection = std::sync::Arc::new(
+        lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default())
+            .await
+            .unwrap(),
+    );
+    let publisher = image_worker::broker::Publisher::open(&connection)
+        .await
+        .unwrap();
+    let refused = publisher
+        .publish(
+            "",
+            "no-such-queue",
+            b"{}",
+            lapin::BasicProperties::default()
+                .with_user_id(lapin::types::ShortString::from("not-guest")),
+            false,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, image_worker::broker::PublishError::Refused(m) if m.contains("PRECONDITION_FAILED")),
+        "{refused:?}"
+    );
+    assert!(refused.is_refusal());
+    // The refusal closed that channel only: the same publisher goes on, on a new one.
+    let queue = unique("iw-after-refusal");
+    let declared = publisher
+        .channel()
+        .queue_declare(
+            queue.as_str().into(),
+            lapin::options::QueueDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(declared.name().as_str(), queue);
+    publisher
+        .publish("", &queue, b"{}", lapin::BasicProperties::default(), true)
+        .await
+        .unwrap();
+    assert_eq!(queue_depth(&queue).await, 1);
+    publisher
+        .channel()
+        .queue_delete(queue.as_str().into(), Default::default())
+        .await
+        .unwrap();
+    let _ = connection.close(200, "done".into()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_to_naming_no_queue_is_a_warning_and_the_event_still_reports() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let job = pull_job("basic");
+    let uuid = job["uuid"].as_str().unwrap().to_string();
+    let nowhere = unique("iw-no-such-reply-queue");
+    broker
+        .channel
+        .basic_publish(
+            format!("{}.jobs", worker.prefix).into(),
+            "image.general".into(),
+            lapin::options::BasicPublishOptions::default(),
+            job.to_string().as_bytes(),
+            lapin::BasicProperties::default()
+                .with_reply_to(lapin::types::ShortString::from(nowhere.clone())),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut report = None;
+    for _ in 0..120 {
+        broker.drain_events(Duration::from_millis(500)).await;
+        report = broker
+            .seen
+            .iter()
+            .filter(|(k, _)| k == "job.pull.successful")
+            .map(|(_, b)| serde_json::from_slice::<serde_json::Value>(b).unwrap())
+            .find(|r| r["uuid"] == uuid.as_str());
+        if report.is_some() {
+            break;
+        }
+    }
+    let report = report.expect("the final event");
+    assert_eq!(report["status"], "successful");
+    let log = worker.log_text();
+    let warning = log
+        .lines()
+        .find(|l| l.contains("reply_to names no queue"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(warning.contains("WARN"), "{warning}");
+    assert!(warning.contains(&nowhere), "{warning}");
+    assert!(warning.contains(&uuid), "{warning}");
+}

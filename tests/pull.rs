@@ -343,6 +343,87 @@ async fn bad_input_gets_a_clear_outcome_and_the_worker_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_routed_with_another_cap_fail_without_running() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let prefix = &worker.prefix;
+
+    // A pull on the polaris_image queue: named, not pulled.
+    let pull = pull_job("basic");
+    let uuid = pull["uuid"].as_str().unwrap();
+    broker.publish_job_to("polaris_image", &pull).await;
+    let r = broker.wait_reply(uuid, WAIT).await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["error"]["kind"], "invalid_job");
+    assert_eq!(r["error"]["retryable"], false);
+    assert_eq!(
+        r["error"]["message"],
+        format!(
+            "a pull job needs cap image but came from queue {prefix}.jobs.polaris_image.general \
+             (cap polaris_image): publish it with routing key image.<pool>"
+        )
+        .as_str()
+    );
+    assert_eq!(r["image_id"], Value::Null);
+    assert_eq!(r["jobs"], json!([]));
+    assert_seed_shape(&r);
+    assert!(!r["logs"].as_str().unwrap().contains("pulling"), "{r:#}");
+
+    // A polaris_build on the image queue never reaches the polaris code.
+    let polaris_uuid = new_uuid();
+    let polaris = json!({
+        "uuid": polaris_uuid, "type": "polaris_build", "group": "testers",
+        "name": "polaris", "tag": "pr-1", "git_ref": "main",
+    });
+    broker.publish_job(&polaris).await;
+    let r = broker.wait_reply(&polaris_uuid, WAIT).await;
+    assert_eq!(r["status"], "failed", "{r:#}");
+    assert_eq!(r["type"], "polaris");
+    assert_eq!(r["error"]["kind"], "invalid_job");
+    assert_eq!(
+        r["error"]["message"],
+        format!(
+            "a polaris_build job needs cap polaris_image but came from queue \
+             {prefix}.jobs.image.general (cap image): publish it with routing key \
+             polaris_image.<pool>"
+        )
+        .as_str()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reported_job_delivered_again_is_answered_from_its_report() {
+    let worker = Worker::start(WorkerOptions::default());
+    let mut broker = Broker::connect(&worker.prefix).await;
+    let job = pull_job("basic");
+    let uuid = job["uuid"].as_str().unwrap().to_string();
+    broker.publish_job(&job).await;
+    let first = broker.wait_reply(&uuid, WAIT).await;
+    assert_eq!(first["status"], "successful", "{first:#}");
+    assert_eq!(first["redelivered"], false);
+
+    // Back as an expired lease comes back (x-death): answered, not run again.
+    broker.publish_dead_lettered_copy(&job).await;
+    let again = broker.wait_reply(&uuid, WAIT).await;
+    assert_eq!(again["redelivered"], true, "{again:#}");
+    assert_eq!(again["status"], "successful");
+    assert_eq!(again["started_at"], first["started_at"]);
+    assert_eq!(again["finished_at"], first["finished_at"]);
+    assert_eq!(again["image_id"], first["image_id"]);
+    assert_eq!(again["data"]["automation_token"], "********");
+    let logs_dir = std::path::PathBuf::from(first["logs_dir"].as_str().unwrap());
+    let job_log = std::fs::read_to_string(logs_dir.join("job.log")).unwrap();
+    assert_eq!(job_log.matches("job successful").count(), 1, "{job_log}");
+    assert!(
+        worker
+            .log_text()
+            .contains("redelivered job was already reported"),
+        "{}",
+        worker.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pin_version_uses_the_cache_and_false_pulls_again() {
     let worker = Worker::start(WorkerOptions::default());
     let mut broker = Broker::connect(&worker.prefix).await;
@@ -548,6 +629,135 @@ fn job_command_gives_the_same_report_without_a_broker() {
     assert_eq!(out.status.code(), Some(65));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no valid uuid"));
     assert!(out.stdout.is_empty());
+}
+
+/// Runs the binary with a broker nobody answers on: exit 64 must come before any publish.
+fn image_worker(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_image-worker"))
+        .args(args)
+        .env(
+            "IMAGE_WORKER__AMQP__URL",
+            "amqp://nobody:nothing@127.0.0.1:1/%2f",
+        )
+        .env_remove("IMAGE_WORKER_CONFIG")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn commands_refuse_what_would_fail_later_with_exit_64() {
+    let dir = std::env::temp_dir().join(unique("iw-usage"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = |name: &str, text: &str| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    let build = |yaml_file: &str| {
+        image_worker(
+            &[
+                "submit",
+                "build",
+                "--name",
+                "team/img",
+                "--push-url",
+                "127.0.0.1:5000",
+                "--group",
+                "g",
+                "--yaml-file",
+                yaml_file,
+            ],
+            &[],
+        )
+    };
+    // A build file the worker's parser refuses is not sent.
+    let (code, stderr) = build(&file("unknown.yaml", "packages: [a]\nbogus: 1\n"));
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("unknown keys: bogus"), "{stderr}");
+    let (code, stderr) = build(&file("anchors.yaml", "env: &e {A: x}\ncmds: *e\n"));
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("anchors and aliases"), "{stderr}");
+    let (code, stderr) = build("/nonexistent/build.yaml");
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--yaml-file: cannot read /nonexistent/build.yaml"),
+        "{stderr}"
+    );
+
+    let pull = |extra: &[&str]| {
+        let mut args = vec![
+            "submit",
+            "pull",
+            "--name",
+            "fixtures/basic",
+            "--push-url",
+            "127.0.0.1:5000",
+            "--group",
+            "g",
+        ];
+        args.extend_from_slice(extra);
+        image_worker(&args, &[])
+    };
+    let (code, stderr) = pull(&["--pool", "a b"]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--pool: pool name \"a b\" may hold only letters"),
+        "{stderr}"
+    );
+    let (code, stderr) = pull(&["--username", "u", "--password-env", "IW_TEST_UNSET_VAR"]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--password-env: IW_TEST_UNSET_VAR"),
+        "{stderr}"
+    );
+    let (code, stderr) = pull(&["--username", "u", "--password-file", "/nonexistent/pw"]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--password-file: cannot read /nonexistent/pw"),
+        "{stderr}"
+    );
+    // A valid submission gets past those checks and fails on the broker nobody answers: 1.
+    let (code, stderr) = pull(&["--pool", "lab-2"]);
+    assert_eq!(code, Some(1), "{stderr}");
+
+    // A logs root that cannot be written: run, job and config check refuse it.
+    let unwritable = [("IMAGE_WORKER__LOGS__ROOT", "/proc/nope")];
+    let job = file("job.json", &pull_job("basic").to_string());
+    for args in [
+        vec!["run"],
+        vec!["job", job.as_str()],
+        vec!["config", "check"],
+    ] {
+        let (code, stderr) = image_worker(&args, &unwritable);
+        assert_eq!(code, Some(64), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("logs.root /proc/nope cannot be written"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!std::path::Path::new("/proc/nope").exists());
+
+    // A password file that is not there is named as what it is.
+    let config = file(
+        "config.yaml",
+        "registry: {credentials: {r: {username: u, password_file: /nonexistent/pw}}}\n",
+    );
+    let logs = dir.join("logs").display().to_string();
+    let (code, stderr) = image_worker(
+        &["config", "check", "--config", &config],
+        &[("IMAGE_WORKER__LOGS__ROOT", &logs)],
+    );
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(
+        stderr.contains("registry.credentials.r: cannot read the password file /nonexistent/pw"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]

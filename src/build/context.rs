@@ -180,12 +180,44 @@ pub fn json(value: &str) -> String {
     serde_json::to_string(value).expect("a string serializes")
 }
 
-/// `KEY="value"` for an `ENV` instruction: backslash and double quote escaped, `$` kept so
-/// values can use `${WORKSPACE}` as the format allows.
+/// `KEY="value"` for an `ENV` instruction, so that the image gets the value byte for byte:
+/// inside double quotes the Dockerfile parser treats `\\`, `\"` and `\$` as escapes and expands
+/// `$NAME` / `${NAME}` / `$(...)`-looking text, so all three are escaped. The one exception is the
+/// build-file format's own reference to the workspace, `$WORKSPACE` / `${WORKSPACE}`, which
+/// pyats-image-builder build files use (`PYTHONPATH: ${WORKSPACE}/lib`): it is left for the
+/// engine to expand to the `WORKSPACE` the Dockerfile sets before.
 pub fn env_pair(key: &str, value: &str) -> String {
     debug_assert!(!value.contains(['\n', '\r']));
-    let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+    let mut escaped = String::with_capacity(value.len() + 8);
+    let mut rest = value;
+    while let Some(c) = rest.chars().next() {
+        match c {
+            '\\' | '"' => {
+                escaped.push('\\');
+                escaped.push(c);
+            }
+            '$' => match workspace_reference(rest) {
+                Some(reference) => {
+                    escaped.push_str(reference);
+                    rest = &rest[reference.len()..];
+                    continue;
+                }
+                None => escaped.push_str("\\$"),
+            },
+            _ => escaped.push(c),
+        }
+        rest = &rest[c.len_utf8()..];
+    }
     format!("{key}=\"{escaped}\"")
+}
+
+/// `${WORKSPACE}`, or `$WORKSPACE` not followed by more of a variable name, at the start of `s`.
+fn workspace_reference(s: &str) -> Option<&'static str> {
+    if s.starts_with("${WORKSPACE}") {
+        return Some("${WORKSPACE}");
+    }
+    let after = s.strip_prefix("$WORKSPACE")?;
+    (!after.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')).then_some("$WORKSPACE")
 }
 
 #[cfg(test)]
@@ -229,5 +261,27 @@ mod tests {
     fn quoting_keeps_values_inside_their_instruction() {
         assert_eq!(json("echo \"hi\" \\"), r#""echo \"hi\" \\""#);
         assert_eq!(env_pair("A", r#"x" \"#), r#"A="x\" \\""#);
+    }
+
+    #[test]
+    fn env_values_reach_the_image_unexpanded() {
+        // Nothing the Dockerfile parser would expand or unescape is left bare.
+        assert_eq!(
+            env_pair("A", r#"$(id) ${PATH} "q"#),
+            r#"A="\$(id) \${PATH} \"q""#
+        );
+        assert_eq!(
+            env_pair("B", r#"\$x \\ $ $$ end\"#),
+            r#"B="\\\$x \\\\ \$ \$\$ end\\""#
+        );
+        // The format's workspace reference stays for the engine to expand.
+        assert_eq!(
+            env_pair(
+                "C",
+                "${WORKSPACE}/lib:$WORKSPACE:$WORKSPACE_X:${WORKSPACEX}"
+            ),
+            r#"C="${WORKSPACE}/lib:$WORKSPACE:\$WORKSPACE_X:\${WORKSPACEX}""#
+        );
+        assert_eq!(env_pair("D", "é$"), r#"D="é\$""#);
     }
 }

@@ -97,7 +97,10 @@ pub async fn build_push_discover(
             if tail.len() == keep {
                 tail.pop_front();
             }
-            tail.push_back(line);
+            // Each quoted line as job.log keeps it: one huge line cannot fill the report.
+            tail.push_back(
+                crate::joblog::truncate_line(&line, crate::joblog::MAX_LINE_BYTES).into_owned(),
+            );
         },
     )
     .await?;

@@ -409,7 +409,48 @@ impl Broker {
 
     /// Publishes raw bytes as a job to `image.<pool>` with our reply queue.
     pub async fn publish_raw(&self, pool: &str, body: &[u8], correlation: &str) {
+        self.publish_with_headers(pool, body, correlation, FieldTable::default())
+            .await;
+    }
+
+    /// Publishes a job again as the broker hands back an expired lease: with an `x-death`
+    /// header, so the worker takes it as a redelivery.
+    pub async fn publish_dead_lettered_copy(&self, job: &Value) {
+        use lapin::types::{AMQPValue, FieldArray, LongString};
+        let mut death = FieldTable::default();
+        death.insert(
+            "reason".into(),
+            AMQPValue::LongString(LongString::from("expired")),
+        );
+        death.insert(
+            "queue".into(),
+            AMQPValue::LongString(LongString::from(format!(
+                "{}.lease.{}",
+                self.prefix,
+                job["uuid"].as_str().unwrap_or_default()
+            ))),
+        );
+        death.insert("count".into(), AMQPValue::LongLongInt(1));
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-death".into(),
+            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::FieldTable(death)])),
+        );
+        let uuid = job["uuid"].as_str().unwrap_or_default().to_string();
+        self.publish_with_headers("general", job.to_string().as_bytes(), &uuid, headers)
+            .await;
+    }
+
+    /// Publishes raw bytes to `image.<pool>` with our reply queue and these headers.
+    pub async fn publish_with_headers(
+        &self,
+        pool: &str,
+        body: &[u8],
+        correlation: &str,
+        headers: FieldTable,
+    ) {
         let props = BasicProperties::default()
+            .with_headers(headers)
             .with_content_type(ShortString::from("application/json"))
             .with_delivery_mode(2)
             .with_reply_to(ShortString::from(self.reply_queue.clone()))
