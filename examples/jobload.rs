@@ -102,19 +102,7 @@ async fn main() -> anyhow::Result<()> {
                 .await?;
             ShortString::from(name.clone())
         }
-        None => channel
-            .queue_declare(
-                "".into(),
-                QueueDeclareOptions {
-                    exclusive: true,
-                    auto_delete: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await?
-            .name()
-            .clone(),
+        None => image_worker::broker::private_queue(&channel).await?,
     };
 
     let mut expected = HashSet::new();

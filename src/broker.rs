@@ -200,14 +200,8 @@ pub async fn connect_configured(
     })
 }
 
-/// A server-named exclusive queue bound to `exchange` with `routing_key`, consumed without acks:
-/// how a worker hears control messages and a submitter hears its job's events.
-pub async fn private_consumer(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-) -> lapin::Result<(ShortString, lapin::Consumer)> {
-    use lapin::options::BasicConsumeOptions;
+/// A server-named queue that lives as long as this connection; returns its name.
+pub async fn private_queue(channel: &Channel) -> lapin::Result<ShortString> {
     let queue = channel
         .queue_declare(
             "".into(),
@@ -219,9 +213,21 @@ pub async fn private_consumer(
             FieldTable::default(),
         )
         .await?;
+    Ok(queue.name().clone())
+}
+
+/// A private queue bound to `exchange` with `routing_key`, consumed without acks: how a worker
+/// hears control messages and a submitter hears its job's events.
+pub async fn private_consumer(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+) -> lapin::Result<(ShortString, lapin::Consumer)> {
+    use lapin::options::BasicConsumeOptions;
+    let queue = private_queue(channel).await?;
     channel
         .queue_bind(
-            queue.name().clone(),
+            queue.clone(),
             exchange.into(),
             routing_key.into(),
             QueueBindOptions::default(),
@@ -230,7 +236,7 @@ pub async fn private_consumer(
         .await?;
     let consumer = channel
         .basic_consume(
-            queue.name().clone(),
+            queue.clone(),
             "".into(),
             BasicConsumeOptions {
                 no_ack: true,
@@ -239,7 +245,7 @@ pub async fn private_consumer(
             FieldTable::default(),
         )
         .await?;
-    Ok((queue.name().clone(), consumer))
+    Ok((queue.clone(), consumer))
 }
 
 /// A channel in confirm mode: every publish waits for the broker's ack.

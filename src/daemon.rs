@@ -629,27 +629,7 @@ impl Daemon {
             Err(rejection) => {
                 let reason = rejection.to_string();
                 tracing::warn!(routing_key = %routing_key, reason = %reason, bytes = delivery.data.len(), "message is not a job: dead-lettered");
-                let props =
-                    broker::dead_letter_properties(&delivery.properties, &reason, &routing_key);
-                let outcome = self
-                    .publisher
-                    .publish_reliably(
-                        "",
-                        &self.topology.dead_queue(),
-                        &dead_letter_body(&delivery.data),
-                        props,
-                        true,
-                        &stop,
-                    )
-                    .await;
-                self.ctx.metrics.dead_lettered();
-                settle(
-                    &delivery,
-                    outcome.map_err(|e| e.to_string()),
-                    "dead-letter",
-                    None,
-                )
-                .await;
+                self.dead_letter(&delivery, &reason, None, &stop).await;
                 return;
             }
         };
@@ -849,28 +829,43 @@ impl Daemon {
         );
         tracing::error!(job = %uuid, reason = %reason, "job message dead-lettered");
         for d in &deliveries {
-            let props =
-                broker::dead_letter_properties(&d.properties, &reason, d.routing_key.as_str());
-            let copied = self
-                .publisher
-                .publish_reliably(
-                    "",
-                    &self.topology.dead_queue(),
-                    &dead_letter_body(&d.data),
-                    props,
-                    true,
-                    stop,
-                )
-                .await;
-            self.ctx.metrics.dead_lettered();
-            settle(
-                d,
-                copied.map_err(|e| e.to_string()),
-                "dead-letter",
-                Some(uuid),
+            self.dead_letter(d, &reason, Some(uuid), stop).await;
+        }
+    }
+
+    /// Copies a delivery (masked) to the dead-letter queue with `reason` in `x-error`, then
+    /// acknowledges it; if the copy is not confirmed, the message goes back to its queue.
+    async fn dead_letter(
+        &self,
+        delivery: &Delivery,
+        reason: &str,
+        job: Option<&str>,
+        stop: &CancellationToken,
+    ) {
+        let props = broker::dead_letter_properties(
+            &delivery.properties,
+            reason,
+            delivery.routing_key.as_str(),
+        );
+        let copied = self
+            .publisher
+            .publish_reliably(
+                "",
+                &self.topology.dead_queue(),
+                &dead_letter_body(&delivery.data),
+                props,
+                true,
+                stop,
             )
             .await;
-        }
+        self.ctx.metrics.dead_lettered();
+        settle(
+            delivery,
+            copied.map_err(|e| e.to_string()),
+            "dead-letter",
+            job,
+        )
+        .await;
     }
 
     /// Hands a long job's message to a lease before the broker's consumer_timeout, and renews
